@@ -1,0 +1,124 @@
+"""Input checks shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind/dtype) or ``ValueError`` (wrong shape/value)
+with a message naming the argument, what was expected and what was given, so a user
+never meets a crash deep inside a kernel or, worse, a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value: object) -> Tensor:
+    t = tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def integer(name: str, value: object) -> Tensor:
+    t = tensor(name, value)
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor of class labels, got dtype {t.dtype}")
+    return t
+
+
+def ndim(name: str, t: Tensor, expected: int | Sequence[int], layout: str = "") -> Tensor:
+    allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+    if t.dim() not in allowed:
+        want = " or ".join(str(a) for a in allowed)
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must have {want} dims{hint}, got shape {tuple(t.shape)}")
+    return t
+
+
+def same_dim(names: tuple[str, str], a: Tensor, b: Tensor, dim: int, what: str) -> None:
+    if a.shape[dim] != b.shape[dim]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must agree on {what} (dim {dim}): "
+            f"{names[0]} has shape {tuple(a.shape)}, {names[1]} has shape {tuple(b.shape)}"
+        )
+
+
+def same_device(named: dict[str, Tensor]) -> torch.device:
+    devices = {name: t.device for name, t in named.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first
+
+
+def non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def positive_int(name: str, value: object) -> int:
+    non_negative_int(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value  # type: ignore[return-value]
+
+
+def positive_float(name: str, value: object, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (value >= 0 if allow_zero else value > 0) or value != value:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return float(value)
+
+
+_CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+
+
+def is_classification_loss(loss_fn: object) -> bool:
+    return getattr(loss_fn, "__name__", "") in _CLASSIFICATION_LOSSES
+
+
+def episode(support_x: object, support_y: object, query_x: object, classification: bool | None = None) -> int:
+    """Check an episode's tensors; return the number of tasks T.
+
+    ``support_x: [T, S, ...]``, ``support_y: [T, S]`` integer labels or ``[T, S, ...]``
+    float targets, ``query_x: [T, Q, ...]`` with the same trailing dims as ``support_x``.
+    ``classification=True`` demands integer labels ``[T, S]``.
+    """
+    sx = floating("support_x", support_x)
+    sy = tensor("support_y", support_y)
+    qx = floating("query_x", query_x)
+    ndim("support_x", sx, range(2, 16), "[T, S, ...]")
+    ndim("query_x", qx, range(2, 16), "[T, Q, ...]")
+    same_dim(("support_x", "query_x"), sx, qx, 0, "the number of tasks T")
+    if sx.shape[2:] != qx.shape[2:]:
+        raise ValueError(
+            "support_x [T, S, ...] and query_x [T, Q, ...] must have the same example shape: "
+            f"got support_x {tuple(sx.shape)}, query_x {tuple(qx.shape)}"
+        )
+    if sy.dim() < 2 or sy.shape[:2] != sx.shape[:2]:
+        raise ValueError(
+            f"support_y must start with the [T, S] = {tuple(sx.shape[:2])} dims of support_x, "
+            f"got shape {tuple(sy.shape)}"
+        )
+    if classification and (sy.is_floating_point() or sy.is_complex()):
+        raise TypeError(f"support_y must hold integer class labels (int64) for this loss, got dtype {sy.dtype}")
+    if not sy.is_floating_point():
+        integer("support_y", sy)
+        ndim("support_y", sy, 2, "[T, S] of class labels")
+    same_device({"support_x": sx, "support_y": sy, "query_x": qx})
+    if sx.shape[0] == 0:
+        raise ValueError("support_x must hold at least one task, got T = 0")
+    return sx.shape[0]

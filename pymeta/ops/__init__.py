@@ -1,0 +1,11 @@
+"""pymeta's fused ops: one autograd-aware custom op per file, four backends each.
+
+``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
+(per-task class means) and ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
+temporary). ``backends()`` says which backends run here and why the others do not.
+"""
+
+from pymeta.ops._backends import backends, force_backend
+from pymeta.ops.inner_sgd import inner_sgd
+
+__all__ = ["backends", "force_backend", "inner_sgd"]

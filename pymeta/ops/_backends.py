@@ -1,0 +1,123 @@
+"""Backend selection for pymeta's fused ops.
+
+Per call, for the device of the inputs:
+
+* CUDA tensors: ``triton`` when Triton works, else the ``cuda`` extension, else ``reference``.
+* CPU tensors: the ``cpp`` extension when it built, else ``reference``. Triton runs on CPU
+  tensors only when forced and ``TRITON_INTERPRET=1`` (how the tests exercise it).
+
+``PYMETA_BACKEND=reference|cpp|cuda|triton`` (or the :func:`force_backend` context
+manager) forces one; a forced backend that cannot run raises with the reason instead of
+silently running something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+from pymeta.ops import _extension
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_forced: str | None = None
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`force_backend` or ``PYMETA_BACKEND``, if any."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("PYMETA_BACKEND")
+    return _check_name(env, "PYMETA_BACKEND") if env else None
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None) -> Iterator[None]:
+    """Run every pymeta op inside the block on backend ``name`` (None: automatic choice)."""
+    global _forced
+    previous = _forced
+    _forced = None if name is None else _check_name(name, "backend")
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import pymeta.kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ops on tensors of ``device``, else a one-line reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, not {device.type}"
+        return _extension.cpu_unavailable_reason()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device.type}"
+        return _extension.cuda_unavailable_reason()
+    if backend == "triton":
+        reason = _triton_import_error()
+        if reason is not None:
+            return reason
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device visible to torch"
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def select(device: torch.device) -> str:
+    """The backend an op runs on for inputs on ``device``."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable_reason(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"pymeta backend {forced!r} was forced but cannot run here: {reason}")
+        return forced
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+    for backend in order:
+        if unavailable_reason(backend, device) is None:
+            return backend
+    return "reference"
+
+
+def backends() -> dict[str, str]:
+    """Every backend with ``"available"`` or the reason it cannot run on this machine.
+
+    CPU-only backends are judged on CPU tensors, GPU backends on CUDA tensors (Triton
+    also counts as available on CPU when ``TRITON_INTERPRET=1``).
+    """
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    report = {}
+    for name in BACKENDS:
+        if name == "triton" and triton_interpreting():
+            reason = unavailable_reason(name, cpu)
+        else:
+            reason = unavailable_reason(name, cpu if name in ("reference", "cpp") else cuda)
+        report[name] = "available" if reason is None else reason
+    return report

@@ -1,0 +1,35 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before Triton (or pymeta.kernels) is first imported, so it
+is the very first thing here: the Triton kernels then run on CPU tensors.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Seed every RNG before each test so failures reproduce."""
+    value = 1234
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value
+
+
+def report(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Print max/mean absolute and max relative error before a test asserts on them."""
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    scale = expected.detach().double().abs().max().clamp_min(1e-300)
+    print(
+        f"{name}: max abs err {diff.max().item():.3e}, mean abs err {diff.mean().item():.3e}, "
+        f"max rel err {(diff.max() / scale).item():.3e}"
+    )

@@ -122,3 +122,73 @@ def episode(support_x: object, support_y: object, query_x: object, classificatio
     if sx.shape[0] == 0:
         raise ValueError("support_x must hold at least one task, got T = 0")
     return sx.shape[0]
+
+
+def choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
+    """Check the values of ``labels: [T, S]``; return the per-task class counts ``[T, n_way]``.
+
+    Every label must lie in ``[0, n_way)`` and every class must occur in every task (a
+    class mean over no examples is undefined, not NaN). Reads the values: syncs on CUDA.
+    The C++ kernels raise the same messages.
+    """
+    lab = labels.long()
+    bad = (lab < 0) | (lab >= n_way)
+    if bad.any():
+        t, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be in [0, n_way) = [0, {n_way}), got {name}[{t}, {s}] = {int(lab[t, s])}"
+        )
+    counts = torch.zeros(lab.shape[0], n_way, dtype=torch.int64, device=lab.device)
+    counts.scatter_add_(1, lab, torch.ones_like(lab))
+    empty = (counts == 0).nonzero()
+    if len(empty):
+        t, c = (int(i) for i in empty[0])
+        raise ValueError(
+            f"class {c} has no example in task {t} of {name}: every class in "
+            f"[0, n_way) = [0, {n_way}) needs at least one support example per task"
+        )
+    return counts
+
+
+def interval(name: str, value: object, strict: bool = False) -> tuple[float, float]:
+    """A ``(low, high)`` pair of real numbers with ``low <= high`` (``low < high`` if strict)."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pair):
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
+    low, high = float(pair[0]), float(pair[1])
+    if low != low or high != high or (low >= high if strict else low > high):
+        relation = "<" if strict else "<="
+        raise ValueError(f"{name} must satisfy low {relation} high, got {value!r}")
+    return low, high
+
+
+def tensor_list(name: str, value: object) -> list[Tensor]:
+    """``value`` as a list: it must be a list or tuple (of tensors; a lone tensor is refused)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
+    return list(value)
+
+
+def same_length(names: tuple[str, str], a: Sequence[object], b: Sequence[object]) -> None:
+    if len(a) != len(b):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same length, got {len(a)} {names[0]} and {len(b)} {names[1]}"
+        )
+
+
+def same_shape(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names[1]} must have the shape of {names[0]}, {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+
+
+def same_dtype(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{names[1]} must have the dtype of {names[0]}, {a.dtype}, got {b.dtype}")

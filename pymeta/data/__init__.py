@@ -1,0 +1,9 @@
+"""Episodic data: the :class:`Episode` batch, task samplers and few-shot datasets."""
+
+from pymeta.data.episode import Episode
+from pymeta.data.folder import ImageFolderClasses
+from pymeta.data.glyphs import Glyphs
+from pymeta.data.sampler import TaskSampler
+from pymeta.data.sinusoid import Sinusoid, SinusoidTasks
+
+__all__ = ["Episode", "Glyphs", "ImageFolderClasses", "Sinusoid", "SinusoidTasks", "TaskSampler"]

@@ -1,0 +1,171 @@
+"""Few-shot image datasets stored as folders: Omniglot, miniImageNet and anything alike."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pymeta import _validate
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# Folder names that mean the same split, tried in order: the plain name, then
+# Omniglot's background/evaluation sets (its standard train/test split). Any one of
+# them may be passed as ``split``.
+SPLIT_FOLDERS = {
+    "train": ("train", "images_background", "background"),
+    "val": ("val", "validation", "valid"),
+    "test": ("test", "images_evaluation", "evaluation"),
+}
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan_tree(directory: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Classes = folders that directly contain images, at any depth, in sorted order.
+
+    So both ``class/img.png`` (miniImageNet) and ``alphabet/character/img.png``
+    (Omniglot) work; a class is named by its path relative to ``directory``.
+    """
+    names: list[str] = []
+    paths: list[Path] = []
+    labels: list[int] = []
+    for current, dirs, files in os.walk(directory):
+        # Sorted, hidden folders skipped: the same class order on every machine.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        images = sorted(f for f in files if _is_image(f))
+        if images:
+            labels.extend([len(names)] * len(images))
+            paths.extend(Path(current) / f for f in images)
+            names.append(Path(current).relative_to(directory).as_posix())
+    return names, paths, labels
+
+
+def _read_csv(csv_path: Path, image_dir: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Ravi & Larochelle's miniImageNet split files: rows ``filename,label`` under ``images/``."""
+    names: dict[str, int] = {}
+    paths: list[Path] = []
+    labels: list[int] = []
+    with open(csv_path, newline="") as f:
+        for row in csv.reader(f):
+            if not row or row == ["filename", "label"]:
+                continue
+            filename, label = row[0], row[1]
+            paths.append(image_dir / filename)
+            labels.append(names.setdefault(label, len(names)))
+    return list(names), paths, labels
+
+
+def _list_dir(path: Path) -> str:
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    return ", ".join(entries[:20]) + (", ..." if len(entries) > 20 else "") if entries else "nothing"
+
+
+def _index(root: Path, split: str | None) -> tuple[Path, list[str], list[Path], list[int]]:
+    """The folder holding ``split``, and its class names, image paths and labels."""
+    if split is None:
+        return (root, *_scan_tree(root))
+    aliases = next((names for names in SPLIT_FOLDERS.values() if split in names), ())
+    candidates = tuple(dict.fromkeys((split, *aliases)))
+    for name in candidates:
+        if (root / name).is_dir():
+            return (root / name, *_scan_tree(root / name))
+    csv_path, image_dir = root / f"{split}.csv", root / "images"
+    if csv_path.is_file():
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"{str(csv_path)!r} lists images in {str(image_dir)!r}, which does not exist")
+        return (image_dir, *_read_csv(csv_path, image_dir))
+    raise FileNotFoundError(
+        f"split {split!r} not found in {str(root)!r}: no folder named {', '.join(candidates)} and no "
+        f"{split}.csv; the folder contains: {_list_dir(root)}"
+    )
+
+
+class ImageFolderClasses(Dataset):
+    """Images in one folder per class, read lazily with Pillow.
+
+    Layouts (``root`` is the dataset folder):
+
+    * class folders at any depth: ``root/[split/]class/*.png`` or
+      ``root/[split/]alphabet/character/*.png``; a class is a folder containing images.
+    * Omniglot: ``root/images_background``, ``root/images_evaluation``; pick them
+      with ``split="train"`` / ``"test"`` (or their own names).
+    * miniImageNet as usually distributed: ``root/train``, ``root/val``, ``root/test``
+      class folders, or Ravi & Larochelle's ``root/images/`` + ``root/{split}.csv``.
+
+    ``split=None`` reads ``root`` itself as the class tree.
+
+    Args:
+        grayscale: one channel (True) or RGB (False); None decides from the first
+            image's mode (Omniglot is grayscale, miniImageNet colour).
+        image_size: side S every image is resized to (ignoring aspect ratio, as the
+            standard miniImageNet pipelines do); None means 28 for grayscale (the
+            Omniglot convention) and 84 for colour (miniImageNet).
+        invert: ``1 - x``; use it on Omniglot (dark strokes on white) to match
+            :class:`Glyphs`, where 1 = ink.
+        transform: optional callable applied to each image tensor ``[C, S, S]``.
+
+    Items are ``(x, label)``: ``x`` float32 ``[C, S, S]`` in [0, 1], ``label`` in
+    ``0..num_classes-1``. Attributes: ``labels``, ``class_names``, ``paths``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str | None = None,
+        image_size: int | None = None,
+        grayscale: bool | None = None,
+        invert: bool = False,
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset folder {str(self.root)!r} does not exist (or is not a folder)")
+        self.split = split
+        self.directory, self.class_names, self.paths, self.labels = _index(self.root, split)
+        if not self.paths:
+            raise ValueError(
+                f"no images found under {str(self.directory)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                f"in it and its subfolders; it contains: {_list_dir(self.directory)})"
+            )
+        if grayscale is None:
+            with Image.open(self.paths[0]) as first:
+                grayscale = first.mode in _GRAYSCALE_MODES
+        self.grayscale = grayscale
+        self.image_size = (28 if grayscale else 84) if image_size is None else _validate.positive_int("image_size", image_size)
+        self.invert = invert
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Example ``index``: ``(x [C, S, S] float32 in [0, 1], label)``, C = 1 or 3."""
+        with Image.open(self.paths[index]) as img:
+            img = img.convert("L" if self.grayscale else "RGB")
+            size = (self.image_size, self.image_size)
+            if img.size != size:
+                img = img.resize(size, Image.Resampling.LANCZOS)
+            pixels = np.array(img, dtype=np.uint8)
+        x = torch.from_numpy(pixels).float().div_(255.0)
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+        if self.invert:
+            x = 1.0 - x
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[index]

@@ -1,7 +1,7 @@
 """pymeta: fast, batched few-shot meta-learning for PyTorch."""
 
 from pymeta import ops
-from pymeta.algorithms import MAML
+from pymeta.algorithms import ANIL, MAML, FineTune, MetaSGD, ProtoNet, Reptile
 
 __version__ = "0.1.0"
-__all__ = ["MAML", "__version__", "ops"]
+__all__ = ["ANIL", "MAML", "FineTune", "MetaSGD", "ProtoNet", "Reptile", "__version__", "ops"]

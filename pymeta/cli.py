@@ -54,6 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
     result = training.train(config, progress=not args.no_progress)
     print(f"trained in {result.seconds:.1f} s; best checkpoint: {result.checkpoint}")
+    if args.plot:
+        png = training.plot_history(result.history, Path(result.checkpoint).with_suffix(".png"),
+                                    f"{result.config.algo} on {result.config.data}")
+        print(f"learning curves: {png}")
     return 0
 
 
@@ -122,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train, evaluate on held-out tasks, save the best checkpoint")
     _add_train_args(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--plot", action="store_true", help="write a PNG of the learning curves next to the checkpoint")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on held-out test tasks (mean and 95%% CI)")

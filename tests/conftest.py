@@ -8,11 +8,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
+import random
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

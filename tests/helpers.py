@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +45,53 @@ def classification_episode(tasks: int = 3, ways: int = 4, shots: int = 2, querie
     return sx, sy, qx, qy
 
 
+def cluster_episode(
+    tasks: int = 4, ways: int = 3, shots: int = 4, queries: int = 5, dim: int = 8
+) -> tuple[Tensor, ...]:
+    """Separable few-shot tasks: each task draws its own class centres, examples are
+    centre + noise. ``x: [T, S, dim]`` float64, ``y: [T, S]`` labels ``0..ways-1``."""
+    centres = 2 * torch.randn(tasks, ways, dim, dtype=torch.float64)
+    task = torch.arange(tasks)[:, None]
+    sy = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
+    qy = torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1)
+    sx = centres[task, sy] + 0.5 * torch.randn(tasks, ways * shots, dim, dtype=torch.float64)
+    qx = centres[task, qy] + 0.5 * torch.randn(tasks, ways * queries, dim, dtype=torch.float64)
+    return sx, sy, qx, qy
+
+
+def run(model: nn.Module, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``model`` with ``weights`` on one batch; BatchNorm runs natively in training mode
+    (batch statistics) on copies of the buffers, so running statistics are never touched:
+    pymeta's episode policy."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return functional_call(model, {**weights, **buffers}, (x,))
+
+
+def reference_adapt(
+    model: nn.Module,
+    weights: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn,
+    lr: float | dict[str, Tensor],
+    steps: int,
+    first_order: bool = False,
+    adapt: list[str] | None = None,
+) -> dict[str, Tensor]:
+    """One task's ``weights`` after ``steps`` SGD steps on ``(x, y)``, one explicit
+    ``autograd.grad(create_graph=not first_order)`` per step; ``lr`` per weight name
+    (Meta-SGD) or one float."""
+    fast = dict(weights)
+    adapt = list(fast) if adapt is None else adapt
+    for _ in range(steps):
+        loss = loss_fn(run(model, fast, x), y)
+        grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
+        for n, g in zip(adapt, grads, strict=True):
+            rate = lr[n] if isinstance(lr, dict) else lr
+            fast[n] = fast[n] - rate * g
+    return fast
+
+
 def reference_meta_grads(
     model: nn.Module,
     episode: tuple[Tensor, ...],
@@ -51,27 +100,27 @@ def reference_meta_grads(
     steps: int,
     first_order: bool = False,
     adapt: list[str] | None = None,
+    features: nn.Module | None = None,
+    also: Sequence[Tensor] = (),
 ) -> list[Tensor]:
     """Meta-gradient by an explicit per-task loop of ``autograd.grad(create_graph=True)``.
 
-    BatchNorm layers run natively in training mode (batch statistics) on copies of the
-    buffers, so running statistics are never touched: pymeta's episode policy.
+    With ``features`` (ANIL), each task's support and query examples first go through
+    ``features`` together and ``model`` is the adapted head. Returns the gradients of
+    ``model``'s parameters, then ``features``', then of the tensors in ``also``.
     """
     sx, sy, qx, qy = episode
     params = dict(model.named_parameters())
-    adapt = list(params) if adapt is None else adapt
+    wrt = [*params.values(), *(features.parameters() if features is not None else ()), *also]
     meta_loss = 0.0
     for t in range(sx.shape[0]):
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        fast = dict(params)
-        for _ in range(steps):
-            loss = loss_fn(functional_call(model, {**fast, **buffers}, (sx[t],)), sy[t])
-            grads = torch.autograd.grad(loss, [fast[n] for n in adapt], create_graph=not first_order)
-            for n, g in zip(adapt, grads, strict=True):
-                rate = lr[n] if isinstance(lr, dict) else lr
-                fast[n] = fast[n] - rate * g
-        meta_loss = meta_loss + loss_fn(functional_call(model, {**fast, **buffers}, (qx[t],)), qy[t])
-    return list(torch.autograd.grad(meta_loss, list(params.values()), allow_unused=True))
+        xs, xq = sx[t], qx[t]
+        if features is not None:
+            z = run(features, dict(features.named_parameters()), torch.cat([xs, xq]))
+            xs, xq = z[: len(xs)], z[len(xs) :]
+        fast = reference_adapt(model, params, xs, sy[t], loss_fn, lr, steps, first_order, adapt)
+        meta_loss = meta_loss + loss_fn(run(model, fast, xq), qy[t])
+    return list(torch.autograd.grad(meta_loss, wrt, allow_unused=True))
 
 
 def per_task_sum(loss_fn, pred: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,86 @@
+"""ANIL (Raghu et al. 2020): MAML that adapts only the head, on features computed once."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pymeta import _validate
+from pymeta.algorithms._embed import embed
+from pymeta.algorithms.maml import MAML, default_loss
+from pymeta.core.batched import LossFn
+
+
+class ANIL(nn.Module):
+    """Almost No Inner Loop: the feature extractor is shared, only ``head`` adapts per task.
+
+    ``episode`` runs ``features`` once per episode on the support and query examples of
+    all tasks together, then adapts the head of all tasks at once with the batched
+    MAML engine on the support features and predicts the query features. The
+    meta-gradient reaches both ``features`` (through the support features, second order
+    unless ``first_order``, and the query features) and ``head``.
+
+    ``self.head`` is a :class:`MAML` wrapping ``head``, as in learn2learn's ANIL
+    example, so the per-task API works too: ``learner = anil.head.clone();
+    learner.adapt(loss_fn(learner(anil.features(x)), y))``.
+
+    Args:
+        features: shared network, ``[B, ...] -> [B, ...]`` (its output feeds ``head``).
+        head: the adapted network, ``[B, ...] -> [B, ...]`` (logits or predictions).
+        lr: inner-loop learning rate of the head.
+        steps: inner SGD steps on the head.
+        first_order: drop second-order terms of the inner loop.
+        loss_fn: inner-loop loss; default cross-entropy for integer labels, else MSE.
+        strategy: execution strategy of the head's inner loop (see :class:`MAML`).
+
+    BatchNorm in ``features`` normalises each task with the statistics of its support
+    and query examples together, running statistics untouched
+    (:func:`pymeta.algorithms._embed.embed`); BatchNorm in ``head`` follows MAML's policy.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        head: nn.Module,
+        lr: float,
+        steps: int = 1,
+        first_order: bool = False,
+        loss_fn: LossFn | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, module in (("features", features), ("head", head)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+        self.features = features
+        self.head = MAML(head, lr, first_order, steps=steps, loss_fn=loss_fn, strategy=strategy)
+
+    @property
+    def steps(self) -> int:
+        """Inner SGD steps on the head (settable, e.g. more steps at evaluation)."""
+        return self.head.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.head.steps = _validate.non_negative_int("steps", value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The unadapted network on one batch: ``[B, ...] -> [B, ...]``."""
+        return self.head(self.features(x))
+
+    def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Adapt the head to every task's support set, predict its queries.
+
+        Args:
+            support_x: ``[T, S, ...]`` support inputs.
+            support_y: ``[T, S]`` int64 labels or ``[T, S, ...]`` float targets.
+            query_x: ``[T, Q, ...]`` query inputs.
+
+        Returns:
+            ``[T, Q, ...]`` predictions of the adapted heads.
+        """
+        loss_fn = self.head.loss_fn or default_loss(support_y)
+        _validate.episode(support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn))
+        shots = support_x.shape[1]
+        feats = embed(self.features, torch.cat([support_x, query_x], dim=1))
+        return self.head.episode(feats[:, :shots], support_y, feats[:, shots:])

@@ -1,0 +1,125 @@
+"""The transfer baseline of Chen et al. 2019 ("A Closer Look at Few-shot Classification")."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pymeta import _validate
+from pymeta.algorithms._embed import embed
+from pymeta.algorithms.maml import check_lr
+from pymeta.core.batched import FastWeights, StrategyPicker, TaskBatched
+from pymeta.core.inner_loop import inner_loop
+
+
+class FineTune(nn.Module):
+    """Pre-train on the base classes, then fit a fresh linear head per task ("Baseline").
+
+    Pre-training is ordinary supervised learning: ``forward(x)`` returns logits over the
+    ``base_classes`` classes of the training split (``classifier(encoder(x))``), so a
+    standard loop trains the encoder and ``classifier``::
+
+        encoder = conv4(3, n_way=None, image_size=84)   # pymeta.models: 1600 features
+        ft = pymeta.FineTune(encoder, n_way=5, lr=0.1, steps=100, base_classes=64)
+        opt = torch.optim.Adam(ft.parameters())
+        for x, y in base_loader:                     # x [B, ...], y [B] in 0..base_classes-1
+            opt.zero_grad(); F.cross_entropy(ft(x), y).backward(); opt.step()
+
+    ``episode`` then solves every task of a batch at once: a new ``n_way``-way linear
+    head (``feature_dim -> n_way``), **zero-initialised** (the softmax loss of a linear
+    head is convex, so the start only has to be deterministic and task-independent),
+    takes ``steps`` full-batch SGD steps at ``lr`` on the task's support set (the
+    batched engine, first order) and predicts the queries. With
+    ``finetune_encoder=True`` every task also adapts its own copy of the encoder's
+    weights (starting from the pre-trained ones) in the same steps.
+
+    Args:
+        encoder: feature network ``[B, ...] -> [B, ...]``, flattened to ``[B, feature_dim]``.
+        n_way: classes per task N (>= 2); support labels are ``0..N-1``.
+        lr: fine-tuning learning rate.
+        steps: fine-tuning SGD steps per task.
+        finetune_encoder: adapt the encoder per task too (default: only the head).
+        base_classes: number of pre-training classes (outputs of ``classifier``).
+        feature_dim: size of the flattened encoder output; default
+            ``encoder.out_features`` (set by the backbones of :mod:`pymeta.models`).
+        strategy: execution strategy of the fine-tuning loop (see :class:`pymeta.MAML`).
+
+    BatchNorm in ``encoder`` (inside ``episode`` only): per-task batch statistics,
+    running statistics untouched; the frozen encoder normalises support and query of a
+    task together (:func:`pymeta.algorithms._embed.embed`), an adapted one follows
+    MAML's policy (support and query batches separately).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        n_way: int,
+        lr: float,
+        steps: int = 100,
+        finetune_encoder: bool = False,
+        *,
+        base_classes: int,
+        feature_dim: int | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        if _validate.non_negative_int("n_way", n_way) < 2:
+            raise ValueError(f"n_way must be >= 2, got {n_way}")
+        self.encoder = encoder
+        self.n_way = n_way
+        self.lr = check_lr(lr)
+        self.steps = _validate.non_negative_int("steps", steps)
+        self.finetune_encoder = bool(finetune_encoder)
+        if feature_dim is None:
+            feature_dim = getattr(encoder, "out_features", None)
+            if feature_dim is None:
+                raise ValueError("feature_dim is required: the encoder has no out_features attribute")
+        self.feature_dim = _validate.positive_int("feature_dim", feature_dim)
+        self.classifier = nn.Linear(feature_dim, _validate.positive_int("base_classes", base_classes))
+        # The per-task head only lends its computation: its weights always come from the
+        # episode, so it lives in plain attributes, outside parameters() and state_dict().
+        head = nn.Linear(feature_dim, n_way)
+        self._head = TaskBatched(head)
+        self._network = TaskBatched(nn.Sequential(encoder, nn.Flatten(), head))
+        self._picker = StrategyPicker(strategy)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pre-training logits over the base classes: ``[B, ...] -> [B, base_classes]``."""
+        return self.classifier(self.encoder(x).flatten(1))
+
+    def _zero_head(self, like: Tensor, num_tasks: int, prefix: str) -> FastWeights:
+        """Fresh heads for all tasks: ``weight [T, N, D]`` and ``bias [T, N]`` of zeros."""
+        weight = like.new_zeros(num_tasks, self.n_way, self.feature_dim)
+        bias = like.new_zeros(num_tasks, self.n_way)
+        return {f"{prefix}weight": weight.requires_grad_(), f"{prefix}bias": bias.requires_grad_()}
+
+    def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Fine-tune a head (and optionally the encoder) per task, predict its queries.
+
+        Args:
+            support_x: ``[T, S, ...]`` support inputs.
+            support_y: ``[T, S]`` int64 labels in ``0..n_way-1``, every class in every task.
+            query_x: ``[T, Q, ...]`` query inputs.
+
+        Returns:
+            ``[T, Q, n_way]`` logits of the fine-tuned classifiers.
+        """
+        num_tasks = _validate.episode(support_x, support_y, query_x, classification=True)
+        _validate.class_counts(support_y, self.n_way, "support_y")
+        if self.finetune_encoder:
+            batched, x, qx = self._network, support_x, query_x
+            # Every trainable encoder weight starts from the pre-trained one ("0." is the
+            # encoder in the template network, "2." the head).
+            weights = {**batched.expand(batched.meta_parameters(), num_tasks), **self._zero_head(x, num_tasks, "2.")}
+        else:
+            # The encoder is fixed: embed once, then only the head runs in the loop.
+            shots = support_x.shape[1]
+            feats = embed(self.encoder, torch.cat([support_x, query_x], dim=1)).flatten(2)
+            batched, x, qx = self._head, feats[:, :shots], feats[:, shots:]
+            weights = self._zero_head(x, num_tasks, "")
+        with self._picker.timed() as strategy:
+            weights = inner_loop(batched, weights, x, support_y, F.cross_entropy, self.lr, self.steps, True, strategy)
+            return batched.forward(weights, qx, strategy)

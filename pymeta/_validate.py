@@ -84,24 +84,35 @@ def positive_float(name: str, value: object, allow_zero: bool = False) -> float:
 
 
 _CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+# Losses that compare prediction and target element by element (and would broadcast
+# mismatched shapes into a silently wrong loss).
+_ELEMENTWISE_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
 
 
 def is_classification_loss(loss_fn: object) -> bool:
     return getattr(loss_fn, "__name__", "") in _CLASSIFICATION_LOSSES
 
 
-def episode(support_x: object, support_y: object, query_x: object, classification: bool | None = None) -> int:
+def episode(
+    support_x: object,
+    support_y: object,
+    query_x: object,
+    classification: bool | None = None,
+    model: torch.nn.Module | None = None,
+) -> int:
     """Check an episode's tensors; return the number of tasks T.
 
-    ``support_x: [T, S, ...]``, ``support_y: [T, S]`` integer labels or ``[T, S, ...]``
-    float targets, ``query_x: [T, Q, ...]`` with the same trailing dims as ``support_x``.
-    ``classification=True`` demands integer labels ``[T, S]``.
+    ``support_x: [T, S, ...]`` with S >= 1, ``support_y: [T, S]`` integer labels or
+    ``[T, S, ...]`` float targets, ``query_x: [T, Q, ...]`` with the dtype and trailing
+    dims of ``support_x``. ``classification=True`` demands integer labels ``[T, S]``.
+    With ``model``, the inputs must have its parameters' dtype (outside autocast).
     """
     sx = floating("support_x", support_x)
     sy = tensor("support_y", support_y)
     qx = floating("query_x", query_x)
     ndim("support_x", sx, range(2, 16), "[T, S, ...]")
     ndim("query_x", qx, range(2, 16), "[T, Q, ...]")
+    same_dtype(("support_x", "query_x"), sx, qx)
     same_dim(("support_x", "query_x"), sx, qx, 0, "the number of tasks T")
     if sx.shape[2:] != qx.shape[2:]:
         raise ValueError(
@@ -121,7 +132,53 @@ def episode(support_x: object, support_y: object, query_x: object, classificatio
     same_device({"support_x": sx, "support_y": sy, "query_x": qx})
     if sx.shape[0] == 0:
         raise ValueError("support_x must hold at least one task, got T = 0")
+    if sx.shape[1] == 0:
+        raise ValueError(f"support_x must hold at least one example per task, got S = 0 (shape {tuple(sx.shape)})")
+    if model is not None:
+        model_dtype("support_x", sx, model)
     return sx.shape[0]
+
+
+def model_dtype(name: str, x: Tensor, model: torch.nn.Module) -> None:
+    """``x`` must have the dtype of ``model``'s floating parameters, unless autocast is on
+    (which casts both); otherwise the model would fail deep inside a layer."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} must have the dtype of the model's parameters, {dtype}, got {x.dtype}: "
+            f"convert the data (episode.to(dtype={dtype})) or the model"
+        )
+
+
+def targets(name: str, pred: Tensor, target: Tensor, loss_fn: object) -> None:
+    """Check ``target`` against the model's predictions ``pred: [T, S, ...]`` for ``loss_fn``.
+
+    Classification losses: ``pred`` are logits ``[T, S, C]`` and ``target`` labels in
+    ``[0, C)`` (reads the labels: one device sync). Elementwise losses (MSE, L1, ...):
+    ``target`` must have ``pred``'s shape, as broadcasting would give a wrong loss.
+    Other (custom) losses are the caller's business.
+    """
+    loss_name = getattr(loss_fn, "__name__", "")
+    if loss_name in _ELEMENTWISE_LOSSES and target.shape != pred.shape:
+        raise ValueError(
+            f"{name} must have the shape of the model's predictions, {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    if loss_name not in _CLASSIFICATION_LOSSES:
+        return
+    if pred.dim() != 3:
+        raise ValueError(
+            f"{name} holds class labels [T, S], so the model must output logits [T, S, C], got {tuple(pred.shape)}"
+        )
+    classes = pred.shape[-1]
+    bad = (target < 0) | (target >= classes)
+    if bad.any():
+        t, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must hold class labels in [0, {classes}) for a model with {classes} outputs, "
+            f"got {name}[{t}, {s}] = {int(target[t, s])}"
+        )
 
 
 def choice(name: str, value: object, choices: Sequence[str]) -> str:

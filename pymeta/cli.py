@@ -1,6 +1,8 @@
 """The ``pymeta`` command: train, eval, bench, info, build-ext.
 
     pymeta train --algo maml --data sinusoid     # meta-train, evaluate, save a checkpoint
+    pymeta train ... --nproc 2                   # the same, tasks sharded over 2 processes
+    pymeta train ... --resume runs/pymeta-last.pt  # continue an interrupted run exactly
     pymeta eval --checkpoint runs/pymeta.pt      # reload and evaluate on held-out tasks
     pymeta bench ops|meta                        # microbenchmarks / end-to-end comparisons
     pymeta info                                  # versions and which op backends run here
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import runpy
 import sys
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pymeta import __version__, checkpoint, training
+from pymeta import __version__, checkpoint, distributed, training
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +45,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes, help="test tasks")
     p.add_argument("--eval-inner-steps", type=int, help="inner steps at test time (default: --inner-steps)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=defaults.out, help="checkpoint path (best by validation, written atomically)")
+    p.add_argument("--out", default=defaults.out,
+                   help="checkpoint path of the best model by validation; the latest validation's state goes "
+                        "to <stem>-last<suffix> (both written atomically)")
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="skip the NaN/inf checks of inner and outer losses and gradients (one sync per step)")
 
 
 def _config(args: argparse.Namespace) -> training.TrainConfig:
@@ -52,13 +59,33 @@ def _config(args: argparse.Namespace) -> training.TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
-    result = training.train(config, progress=not args.no_progress)
-    print(f"trained in {result.seconds:.1f} s; best checkpoint: {result.checkpoint}")
-    if args.plot:
+    run = (config, args.resume, not args.no_progress, args.plot)
+    if args.nproc == 1:
+        # Under torchrun (WORLD_SIZE > 1) this joins its process group; alone, it is a no-op.
+        with distributed.process_group(timeout=args.dist_timeout):
+            _train_and_report(*run)
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--nproc starts its own processes; under torchrun, leave it out")
+    # Bad options fail here with one clear message, not once per spawned rank.
+    resolved = config.resolved()
+    if args.resume is not None:
+        training.resume_state(args.resume, resolved)
+    distributed.launch(_train_and_report, args.nproc, *run, timeout=args.dist_timeout)
+    return 0
+
+
+def _train_and_report(config: training.TrainConfig, resume: str | None, progress: bool, plot: bool) -> None:
+    """Train (on every rank of a group); rank 0 prints the summary and draws the curves."""
+    result = training.train(config, progress=progress, resume=resume)
+    if distributed.rank() != 0:
+        return
+    print(f"trained in {result.seconds:.1f} s; best checkpoint: {result.checkpoint}, "
+          f"last: {training.last_checkpoint_path(result.checkpoint)}")
+    if plot:
         png = training.plot_history(result.history, Path(result.checkpoint).with_suffix(".png"),
                                     f"{result.config.algo} on {result.config.data}")
         print(f"learning curves: {png}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -126,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train, evaluate on held-out tasks, save the best checkpoint")
     _add_train_args(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--resume", metavar="PATH",
+                   help="continue from a checkpoint of this run (repeat its options; more --iterations is fine)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="local processes sharing each meta-batch's tasks (torch.distributed, gloo on CPU)")
+    t.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                   help="seconds a process waits for the others before failing (default: %(default)s)")
     t.add_argument("--plot", action="store_true", help="write a PNG of the learning curves next to the checkpoint")
     t.set_defaults(func=cmd_train)
 
@@ -158,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as exc:
         print(f"pymeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (FloatingPointError, distributed.WorkerError) as exc:
+        print(f"pymeta {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,26 +3,53 @@
 Everything here is ordinary PyTorch: a learner (an ``nn.Module`` with ``episode``), a
 ``torch.optim`` optimizer, and an iterable of :class:`pymeta.data.Episode`. The command
 line is a thin layer over :func:`train` and :func:`evaluate`.
+
+Checkpoints (written atomically, by rank 0 only): at every validation ``train`` writes
+``<out stem>-last<suffix>`` (e.g. ``runs/pymeta-last.pt``), and ``out`` itself whenever
+the validation metric improves (the best model). Both hold everything a resumed run
+needs: model, optimizer, the training batches' stream state, the torch / numpy /
+python RNG states, the execution strategies the learner chose, step, history and
+config. ``train(config, resume=path)`` (``pymeta train ... --resume path``) continues
+from either and reproduces the uninterrupted run exactly (same losses, same
+parameters), provided the execution strategy is fixed or was already chosen when the
+checkpoint was written: ``strategy="auto"`` picks by timing, so two separate runs may
+pick differently and differ by rounding.
+
+Inside a ``torch.distributed`` process group (``pymeta train --nproc N``, or torchrun),
+:func:`train` and :func:`evaluate` shard every batch's tasks across the ranks (see
+:mod:`pymeta.distributed`): same loop, same results up to rounding.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pymeta import _validate, checkpoint
+from pymeta import _validate, checkpoint, distributed
+from pymeta.core.batched import StrategyPicker
 from pymeta.data import Episode
+from pymeta.data._stream import batch_generator
 
 DATASETS: dict[str, Callable[[TrainConfig], DataSpec]] = {}
+
+
+class Batches(Protocol):
+    """An endless, resumable source of training batches (e.g. an ``EpisodeStream``)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: Mapping[str, int]) -> None: ...
 
 
 @dataclass
@@ -32,12 +59,14 @@ class Algorithm:
     ``build(config, spec)`` returns the learner; ``train_step(learner, batch, spec)``
     computes and back-propagates one outer step's gradients (the optimizer steps after)
     and returns the loss to log, or None; ``batches(config, spec)`` gives what it trains
-    on (default: the training episodes).
+    on (default: the training episodes). A batch is an :class:`Episode` or another
+    NamedTuple of tensors whose leading dim is what distributed training shards (tasks,
+    or examples), and both gradients and loss must be means over that dim.
     """
 
     build: Callable[[TrainConfig, DataSpec], nn.Module]
     train_step: Callable[[nn.Module, Any, DataSpec], float | None] | None = None
-    batches: Callable[[TrainConfig, DataSpec], Iterator[Any]] | None = None
+    batches: Callable[[TrainConfig, DataSpec], Batches] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -69,12 +98,17 @@ class TrainConfig:
     eval_inner_steps: int | None = None
     device: str = "cpu"
     out: str = "runs/pymeta.pt"
+    # Raise on NaN/inf in inner-loop losses and gradients and in the meta-loss and
+    # meta-gradients (one sync per step), instead of corrupting the meta-parameters.
+    check_finite: bool = True
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from the dataset's defaults."""
         kind = self.data.split(":", 1)[0]
         if kind not in DATA_DEFAULTS:
             raise ValueError(f"data must be one of {sorted(DATASETS)} or folder:PATH, got {self.data!r}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
         defaults = {**DATA_DEFAULTS[kind], **ALGO_DEFAULTS.get(self.algo, {}).get(kind, {})}
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, default in defaults.items():
@@ -88,6 +122,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, payload: Mapping[str, Any], path: str | Path) -> TrainConfig:
+        """The resolved config stored in a checkpoint ``payload`` read from ``path``."""
+        saved = payload.get("config")
+        known = {f.name for f in fields(cls)}
+        if not isinstance(saved, Mapping) or not set(saved) <= known:
+            unknown = sorted(set(saved) - known) if isinstance(saved, Mapping) else saved
+            raise checkpoint.CheckpointError(f"checkpoint {path} has an unreadable config (unknown {unknown!r})")
+        return cls(**saved).resolved()
+
+
+# Settings a resumed run may change: they do not alter the training trajectory.
+RUN_FIELDS = ("iterations", "val_every", "val_episodes", "eval_episodes", "eval_inner_steps", "device", "out",
+              "check_finite")
 
 
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -122,7 +171,7 @@ ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 class DataSpec:
     """What an algorithm builder needs to know about the data."""
 
-    train: Iterator[Episode]
+    train: Batches  # the training episodes (an EpisodeStream)
     make_train_dataset: Callable[[], Any] | None  # base classes (x, label) for pre-training
     make_eval: Callable[[str, int], Iterator[Episode]]  # (split, seed) -> episodes
     task: str  # "regression" or "classification"
@@ -180,30 +229,36 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
 ) -> Stats:
-    """Mean per-task metric over ``num_tasks`` tasks drawn from ``episodes``.
+    """Mean per-task metric over the first ``num_tasks`` tasks drawn from ``episodes``.
 
-    The inner loop still takes gradients; only the outer graph is skipped.
+    The inner loop still takes gradients; only the outer graph is skipped. Inside a
+    process group every rank must call it with the same ``episodes``: each evaluates
+    its shard of every batch and all get the statistics over all ``num_tasks`` tasks.
     """
     _validate.positive_int("num_tasks", num_tasks)
-    metrics: list[Tensor] = []
+    metrics: list[Tensor] = []  # per batch: this rank's tasks' metrics [n_b]
     seen = 0
     bar = tqdm(total=num_tasks, desc=desc, disable=not progress, leave=False)
     with torch.no_grad():
         while seen < num_tasks:
-            ep = next(episodes).to(device)
-            pred = learner.episode(ep.support_x, ep.support_y, ep.query_x)
-            metrics.append(task_metric(pred, ep.query_y, task)[: num_tasks - seen].cpu())
-            seen += metrics[-1].numel()
-            bar.update(metrics[-1].numel())
+            ep = next(episodes)
+            keep = min(ep.num_tasks, num_tasks - seen)
+            mine = distributed.shard_range(keep)
+            if len(mine):
+                local = distributed.take(ep, mine).to(device)
+                pred = learner.episode(local.support_x, local.support_y, local.query_x)
+                metrics.append(task_metric(pred, local.query_y, task).cpu())
+            else:  # the last batch can have fewer tasks left than there are ranks
+                metrics.append(torch.empty(0, dtype=torch.float64))
+            seen += keep
+            bar.update(keep)
     bar.close()
-    return confidence(torch.cat(metrics))
+    return confidence(distributed.gather_tasks(metrics))
 
 
 def build(config: TrainConfig) -> tuple[nn.Module, DataSpec]:
     """Learner and data for a resolved config."""
     kind = config.data.split(":", 1)[0]
-    if config.algo not in ALGORITHMS:
-        raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {config.algo!r}")
     spec = DATASETS[kind](config)
     torch.manual_seed(config.seed)
     learner = ALGORITHMS[config.algo].build(config, spec).to(config.device)
@@ -219,28 +274,82 @@ class Result:
     test_before: Stats | None
     seconds: float
     checkpoint: Path
+    losses: list[float]  # the outer loss of every step this call ran (none for Reptile)
 
 
-def train(config: TrainConfig, progress: bool = True, log: Callable[[str], None] = print) -> Result:
-    """Meta-train, keep the best checkpoint by validation, and report test statistics."""
+def last_checkpoint_path(out: str | Path) -> Path:
+    """Where :func:`train` writes the checkpoint of the latest validation: ``<stem>-last<suffix>``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-last{out.suffix}")
+
+
+def train(
+    config: TrainConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    resume: str | Path | None = None,
+) -> Result:
+    """Meta-train, keep the best checkpoint by validation, and report test statistics.
+
+    Args:
+        config: the run; ``None`` settings take the dataset's defaults.
+        progress: show progress bars (rank 0 only).
+        log: where the final report goes (rank 0 only).
+        resume: a checkpoint written by an earlier run of the same config (only the
+            :data:`RUN_FIELDS` may differ, e.g. more ``iterations``); training continues
+            after its step exactly as the uninterrupted run would have.
+
+    Inside a process group of N ranks every rank calls it with the same arguments:
+    each batch's tasks are sharded, gradients all-reduced, and only rank 0 writes
+    checkpoints, logs and shows progress.
+    """
     config = config.resolved()
     learner, spec = build(config)
     opt = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
+    algorithm = ALGORITHMS[config.algo]
+    source = algorithm.batches(config, spec) if algorithm.batches else spec.train
     history: list[dict[str, float]] = []
     best: float | None = None
+    best_model: dict[str, Tensor] | None = None
+    running, first = math.nan, 1
+    if resume is not None:
+        state = resume_state(resume, config)
+        load_model(learner, state["model"], resume)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {resume}: optimizer state does not match: {exc}") from exc
+        source.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        for name, picker in _strategy_pickers(learner).items():
+            picker.chosen = state["strategies"].get(name) or picker.chosen
+        history, best, running, first = state["history"], state["best_val"], state["running"], state["step"] + 1
+        best_model = state.get("best_model", state["model"])
+    # Every rank starts from rank 0's weights, even if a user's builder is not seeded.
+    distributed.broadcast_parameters(learner)
+    main = distributed.rank() == 0
     higher_is_better = spec.task == "classification"
-    start = time.perf_counter()
-    algorithm = ALGORITHMS[config.algo]
-    batches = algorithm.batches(config, spec) if algorithm.batches else spec.train
     train_step = algorithm.train_step or episode_step
-    bar = tqdm(range(1, config.iterations + 1), desc=f"{config.algo} on {config.data}", disable=not progress)
-    running = math.nan
+    batches = iter(source)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(first, config.iterations + 1), desc=f"{config.algo} on {config.data}",
+               initial=first - 1, total=config.iterations, disable=not (progress and main))
     for step in bar:
-        batch = next(batches).to(config.device)
+        batch = next(batches)
+        total = len(batch[0])
+        if distributed.is_active():
+            batch = distributed.shard(batch)
+        batch = batch.to(config.device)
         opt.zero_grad(set_to_none=True)
         loss = train_step(learner, batch, spec)
+        if distributed.is_active():
+            loss = distributed.all_reduce_grads(learner, len(batch[0]), total, loss)
+        if config.check_finite:
+            check_finite_update(learner, loss, step)
         opt.step()
         if loss is not None:
+            losses.append(loss)
             running = loss if math.isnan(running) else 0.95 * running + 0.05 * loss
         bar.set_postfix(meta_loss=f"{running:.4f}")
         if step % config.val_every == 0 or step == config.iterations:
@@ -249,18 +358,106 @@ def train(config: TrainConfig, progress: bool = True, log: Callable[[str], None]
             improved = best is None or (val.mean > best if higher_is_better else val.mean < best)
             if improved:
                 best = val.mean
-                checkpoint.save(config.out, {
-                    "config": config.to_dict(), "model": learner.state_dict(),
-                    "optimizer": opt.state_dict(), "step": step, "history": history, "best_val": best,
-                })
+                best_model = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+            if main:
+                state = {
+                    "config": config.to_dict(), "model": learner.state_dict(), "optimizer": opt.state_dict(),
+                    "step": step, "history": history, "best_val": best, "running": running,
+                    "data": source.state_dict(), "rng": _rng_state(),
+                    "strategies": {name: p.chosen for name, p in _strategy_pickers(learner).items()},
+                }
+                if improved:
+                    checkpoint.save(config.out, state)
+                checkpoint.save(last_checkpoint_path(config.out), {**state, "best_model": best_model})
             bar.set_postfix(meta_loss=f"{running:.4f}", val=f"{val.mean:.4f}", best=f"{best:.4f}")
     bar.close()
     seconds = time.perf_counter() - start
-    # Report the test metric of the best (kept) checkpoint, not of the last step.
-    learner.load_state_dict(checkpoint.load(config.out)["model"])
-    test, before = evaluate_checkpointed(learner, spec, config, progress)
-    log(report_line(config, spec, test, before))
-    return Result(config, learner, history, test, before, seconds, Path(config.out))
+    # Report the test metric of the best (kept) model, not of the last step.
+    learner.load_state_dict(best_model)
+    test, before = evaluate_checkpointed(learner, spec, config, progress and main)
+    if main:
+        log(report_line(config, spec, test, before))
+    return Result(config, learner, history, test, before, seconds, Path(config.out), losses)
+
+
+def check_finite_update(learner: nn.Module, loss: float | None, step: int) -> None:
+    """Raise ``FloatingPointError`` before an optimizer step that would write NaN/inf.
+
+    Checks the outer ``loss`` and every ``.grad`` of ``learner`` (one sync for all).
+    """
+    if loss is not None and not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: the meta-loss is non-finite ({loss}); parameters not updated")
+    grads = {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
+    if not grads:
+        return
+    finite = torch.stack([g.isfinite().all() for g in grads.values()])
+    if not finite.all():
+        name = list(grads)[int((~finite).nonzero()[0])]
+        raise FloatingPointError(f"step {step}: the meta-gradient of {name!r} is non-finite; parameters not updated")
+
+
+def resume_state(path: str | Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to be a resumable state of the resolved ``config``.
+
+    Raises ``CheckpointError`` for a missing training state (a file from an older
+    pymeta) or a config that differs in anything but :data:`RUN_FIELDS`.
+    """
+    payload = checkpoint.load(path)
+    missing = sorted({"optimizer", "data", "rng", "strategies", "running", "step"} - set(payload))
+    if missing:
+        raise checkpoint.CheckpointError(f"checkpoint {path} has no training state to resume from (missing {missing})")
+    saved = TrainConfig.from_checkpoint(payload, path).to_dict()
+    diffs = [
+        f"{name}={saved[name]!r} in the checkpoint, {value!r} now"
+        for name, value in config.to_dict().items()
+        if name not in RUN_FIELDS and saved[name] != value
+    ]
+    if diffs:
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {path}: it was trained with another config ({'; '.join(diffs)}); "
+            f"repeat the original options (only {', '.join(RUN_FIELDS)} may change)"
+        )
+    return payload
+
+
+def load_model(learner: nn.Module, state: Mapping[str, Tensor], path: str | Path) -> None:
+    """``learner.load_state_dict(state)``, as a ``CheckpointError`` naming ``path`` when it does not fit."""
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not match its config: {exc}") from exc
+
+
+def _strategy_pickers(learner: nn.Module) -> dict[str, StrategyPicker]:
+    """Every execution-strategy picker inside ``learner``, by module name.
+
+    A resumed run must keep the strategies the first part chose: "auto" decides by
+    timing, and another choice changes results by rounding.
+    """
+    return {
+        f"{name}.{attr}" if name else attr: value
+        for name, module in learner.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, StrategyPicker)
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, python) for a checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 def evaluate_checkpointed(
@@ -292,14 +489,11 @@ def report_line(config: TrainConfig, spec: DataSpec, test: Stats, before: Stats 
 def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module, DataSpec, TrainConfig]:
     """Rebuild the learner of a checkpoint with its trained weights."""
     payload = checkpoint.load(path)
-    config = TrainConfig(**payload["config"])
+    config = TrainConfig.from_checkpoint(payload, path)
     if device is not None:
         config.device = device
     learner, spec = build(config)
-    try:
-        learner.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise checkpoint.CheckpointError(f"checkpoint {path} does not match its config: {exc}") from exc
+    load_model(learner, payload["model"], path)
     return learner, spec, config
 
 
@@ -307,11 +501,11 @@ def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module
 def _sinusoid(config: TrainConfig) -> DataSpec:
     from pymeta.data import Sinusoid
 
-    def episodes(seed: int) -> Iterator[Episode]:
-        return iter(Sinusoid(k_shot=config.shots, q_queries=config.queries, meta_batch=config.meta_batch, seed=seed))
+    def stream(seed: int) -> Sinusoid:
+        return Sinusoid(k_shot=config.shots, q_queries=config.queries, meta_batch=config.meta_batch, seed=seed)
 
     return DataSpec(
-        train=episodes(config.seed), make_train_dataset=None, make_eval=lambda split, seed: episodes(seed),
+        train=stream(config.seed), make_train_dataset=None, make_eval=lambda split, seed: iter(stream(seed)),
         task="regression", example_shape=(1,), out_features=1, loss_fn=F.mse_loss,
     )
 
@@ -322,15 +516,15 @@ def _classification(config: TrainConfig, dataset: Callable[[str], Any]) -> DataS
 
     splits = {"train": dataset("train")}
 
-    def episodes(split: str, seed: int) -> Iterator[Episode]:
+    def stream(split: str, seed: int) -> TaskSampler:
         if split not in splits:
             splits[split] = dataset(split)
-        return iter(TaskSampler(splits[split], config.ways, config.shots, config.queries, config.meta_batch, seed))
+        return TaskSampler(splits[split], config.ways, config.shots, config.queries, config.meta_batch, seed)
 
     example_shape = tuple(splits["train"][0][0].shape)
     return DataSpec(
-        train=episodes("train", config.seed), make_train_dataset=lambda: splits["train"],
-        make_eval=episodes, task="classification",
+        train=stream("train", config.seed), make_train_dataset=lambda: splits["train"],
+        make_eval=lambda split, seed: iter(stream(split, seed)), task="classification",
         example_shape=example_shape, out_features=config.ways, loss_fn=F.cross_entropy,
     )
 
@@ -368,7 +562,7 @@ def _maml(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     return MAML(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
+        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
     )
 
 
@@ -381,7 +575,7 @@ def _metasgd(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     return MetaSGD(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
+        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
     )
 
 
@@ -391,14 +585,14 @@ def _anil(config: TrainConfig, spec: DataSpec) -> nn.Module:
     network = backbone(config, spec)
     features, head = network[:-1], network[-1]
     return ANIL(features, head, config.inner_lr, config.inner_steps, config.first_order,
-                loss_fn=spec.loss_fn, strategy=config.strategy)
+                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite)
 
 
 def _reptile(config: TrainConfig, spec: DataSpec) -> nn.Module:
     from pymeta.algorithms import Reptile
 
     return Reptile(backbone(config, spec), config.inner_lr, config.inner_steps,
-                   loss_fn=spec.loss_fn, strategy=config.strategy)
+                   loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite)
 
 
 def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
@@ -418,29 +612,60 @@ def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     base = spec.make_train_dataset()
     return FineTune(backbone(config, spec, n_out=None), config.ways, config.inner_lr, config.inner_steps,
-                    base_classes=base.num_classes, strategy=config.strategy)
+                    base_classes=base.num_classes, strategy=config.strategy, check_finite=config.check_finite)
 
 
-def _base_class_batches(config: TrainConfig, spec: DataSpec) -> Iterator[Any]:
-    """Endless shuffled mini-batches ``(x [B, ...], y [B])`` of the base classes."""
-    base = spec.make_train_dataset()
-    batch = config.meta_batch * config.ways * (config.shots + config.queries)  # same images per step
-    generator = torch.Generator().manual_seed(config.seed)
-    while True:
-        for index in torch.randperm(len(base), generator=generator).split(batch):
-            if len(index) == batch:
-                xs, ys = zip(*(base[int(i)] for i in index), strict=True)
-                yield _Batch((torch.stack(xs), torch.as_tensor(ys)))
+class Batch(NamedTuple):
+    """A supervised batch ``x [B, ...]``, ``y [B]``, with ``.to(device)`` like :class:`Episode`."""
+
+    x: Tensor
+    y: Tensor
+
+    def to(self, device: str) -> Batch:
+        return Batch(self.x.to(device), self.y.to(device))
 
 
-class _Batch(tuple):
-    """``(x, y)`` with ``.to(device)``, like :class:`Episode`."""
+class ShuffledBatches:
+    """Endless shuffled mini-batches :class:`Batch` of a map-style ``(x, label)`` dataset.
 
-    def to(self, device: str) -> _Batch:
-        return _Batch(t.to(device) for t in self)
+    Full batches of ``batch_size`` in a fresh random order each epoch; epoch ``e``'s
+    order is drawn from ``(seed, e)`` alone, so the state is one counter (resumable
+    like an ``EpisodeStream``).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int) -> None:
+        self.dataset = dataset
+        self.batch_size = _validate.positive_int("batch_size", batch_size)
+        if len(dataset) < batch_size:
+            raise ValueError(f"batch_size must be <= the dataset size {len(dataset)}, got {batch_size}")
+        self.seed = seed
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        per_epoch = len(self.dataset) // self.batch_size
+        while True:
+            epoch, index = divmod(self._batches, per_epoch)
+            order = torch.randperm(len(self.dataset), generator=batch_generator(self.seed, epoch))
+            self._batches += 1
+            chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+            xs, ys = zip(*(self.dataset[int(i)] for i in chosen), strict=True)
+            yield Batch(torch.stack(xs), torch.as_tensor(ys))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batches": self._batches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.seed = _validate.non_negative_int("seed", state["seed"])
+        self._batches = _validate.non_negative_int("batches", state["batches"])
 
 
-def _pretrain_step(learner: nn.Module, batch: _Batch, spec: DataSpec) -> float:
+def _base_class_batches(config: TrainConfig, spec: DataSpec) -> ShuffledBatches:
+    """FineTune pre-training: as many images per step as a meta-batch of episodes holds."""
+    batch = config.meta_batch * config.ways * (config.shots + config.queries)
+    return ShuffledBatches(spec.make_train_dataset(), batch, config.seed)
+
+
+def _pretrain_step(learner: nn.Module, batch: Batch, spec: DataSpec) -> float:
     x, y = batch
     loss = F.cross_entropy(learner(x), y)
     loss.backward()

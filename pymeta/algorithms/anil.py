@@ -32,6 +32,7 @@ class ANIL(nn.Module):
         first_order: drop second-order terms of the inner loop.
         loss_fn: inner-loop loss; default cross-entropy for integer labels, else MSE.
         strategy: execution strategy of the head's inner loop (see :class:`MAML`).
+        check_finite: raise on a NaN/inf inner loss or gradient (see :class:`MAML`).
 
     BatchNorm in ``features`` normalises each task with the statistics of its support
     and query examples together, running statistics untouched
@@ -47,13 +48,16 @@ class ANIL(nn.Module):
         first_order: bool = False,
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         for name, module in (("features", features), ("head", head)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
         self.features = features
-        self.head = MAML(head, lr, first_order, steps=steps, loss_fn=loss_fn, strategy=strategy)
+        self.head = MAML(
+            head, lr, first_order, steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite
+        )
 
     @property
     def steps(self) -> int:
@@ -80,7 +84,10 @@ class ANIL(nn.Module):
             ``[T, Q, ...]`` predictions of the adapted heads.
         """
         loss_fn = self.head.loss_fn or default_loss(support_y)
-        _validate.episode(support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn))
+        _validate.episode(
+            support_x, support_y, query_x,
+            classification=_validate.is_classification_loss(loss_fn), model=self.features,
+        )
         shots = support_x.shape[1]
         feats = embed(self.features, torch.cat([support_x, query_x], dim=1))
         return self.head.episode(feats[:, :shots], support_y, feats[:, shots:])

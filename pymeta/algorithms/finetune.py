@@ -44,6 +44,7 @@ class FineTune(nn.Module):
         feature_dim: size of the flattened encoder output; default
             ``encoder.out_features`` (set by the backbones of :mod:`pymeta.models`).
         strategy: execution strategy of the fine-tuning loop (see :class:`pymeta.MAML`).
+        check_finite: raise on a NaN/inf fine-tuning loss or gradient (see :class:`pymeta.MAML`).
 
     BatchNorm in ``encoder`` (inside ``episode`` only): per-task batch statistics,
     running statistics untouched; the frozen encoder normalises support and query of a
@@ -62,6 +63,7 @@ class FineTune(nn.Module):
         base_classes: int,
         feature_dim: int | None = None,
         strategy: str = "auto",
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(encoder, nn.Module):
@@ -73,6 +75,7 @@ class FineTune(nn.Module):
         self.lr = check_lr(lr)
         self.steps = _validate.non_negative_int("steps", steps)
         self.finetune_encoder = bool(finetune_encoder)
+        self.check_finite = bool(check_finite)
         if feature_dim is None:
             feature_dim = getattr(encoder, "out_features", None)
             if feature_dim is None:
@@ -107,7 +110,7 @@ class FineTune(nn.Module):
         Returns:
             ``[T, Q, n_way]`` logits of the fine-tuned classifiers.
         """
-        num_tasks = _validate.episode(support_x, support_y, query_x, classification=True)
+        num_tasks = _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
         _validate.class_counts(support_y, self.n_way, "support_y")
         if self.finetune_encoder:
             batched, x, qx = self._network, support_x, query_x
@@ -121,5 +124,7 @@ class FineTune(nn.Module):
             batched, x, qx = self._head, feats[:, :shots], feats[:, shots:]
             weights = self._zero_head(x, num_tasks, "")
         with self._picker.timed() as strategy:
-            weights = inner_loop(batched, weights, x, support_y, F.cross_entropy, self.lr, self.steps, True, strategy)
+            weights = inner_loop(
+                batched, weights, x, support_y, F.cross_entropy, self.lr, self.steps, True, strategy, self.check_finite
+            )
             return batched.forward(weights, qx, strategy)

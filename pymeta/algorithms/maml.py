@@ -54,6 +54,9 @@ class MAML(nn.Module):
             default: cross-entropy for integer labels, MSE for float targets.
         strategy: ``"auto"`` (time vmap vs a per-task loop on the first calls and keep
             the faster), ``"vmap"`` or ``"loop"``. All give the same meta-gradients.
+        check_finite: in ``episode``, raise ``FloatingPointError`` naming the task and
+            inner step whose loss or gradient is NaN/inf, instead of letting it reach
+            the meta-parameters (one device sync per inner step; off by default).
 
     BatchNorm inside ``episode``: each task normalises with its own batch statistics
     (support batch in the inner loop, query batch for the prediction) and running
@@ -71,6 +74,7 @@ class MAML(nn.Module):
         steps: int = 1,
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -84,6 +88,7 @@ class MAML(nn.Module):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
+        self.check_finite = bool(check_finite)
         self._batched = TaskBatched(model)
         self._picker = StrategyPicker(strategy)
         # Adapted weights of a clone (learn2learn API); None: the module's own parameters.
@@ -103,13 +108,14 @@ class MAML(nn.Module):
         """
         loss_fn = self.loss_fn or default_loss(support_y)
         num_tasks = _validate.episode(
-            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn)
+            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
+            model=self.module,
         )
         with self._picker.timed() as strategy:
             weights = self._batched.expand(self._adaptable(), num_tasks)
             weights = inner_loop(
                 self._batched, weights, support_x, support_y, loss_fn,
-                self._inner_lr(list(weights)), self.steps, self.first_order, strategy,
+                self._inner_lr(list(weights)), self.steps, self.first_order, strategy, self.check_finite,
             )
             return self._batched.forward(weights, query_x, strategy)
 

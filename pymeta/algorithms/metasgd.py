@@ -27,8 +27,8 @@ class MetaSGD(MAML):
     Args:
         model: the network to meta-learn; its forward takes one batch ``[B, ...]``.
         lr: initial value of every learning rate (learn2learn's default, 1.0).
-        first_order, allow_unused, allow_nograd, steps, loss_fn, strategy: as in
-            :class:`MAML`.
+        first_order, allow_unused, allow_nograd, steps, loss_fn, strategy,
+            check_finite: as in :class:`MAML`.
     """
 
     def __init__(
@@ -42,9 +42,11 @@ class MetaSGD(MAML):
         steps: int = 1,
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
+        check_finite: bool = False,
     ) -> None:
         super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, steps=steps, loss_fn=loss_fn, strategy=strategy
+            model, lr, first_order, allow_unused, allow_nograd,
+            steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite,
         )
         params = dict(model.named_parameters())
         self.lrs = nn.ParameterList(nn.Parameter(torch.full_like(p, self.lr)) for p in params.values())

@@ -53,7 +53,7 @@ class ProtoNet(nn.Module):
         Returns:
             ``[T, Q, N]`` logits (negative distances, or cosine similarities).
         """
-        _validate.episode(support_x, support_y, query_x, classification=True)
+        _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
         n_way = int(support_y.max()) + 1
         _validate.class_counts(support_y, n_way, "support_y")
         if n_way < 2:

@@ -46,6 +46,7 @@ class Reptile(MAML):
             inner gradient, whose size does not depend on ``lr`` and ``steps``.
         loss_fn: inner-loop loss; default cross-entropy for integer labels, else MSE.
         strategy: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`MAML`).
+        check_finite: raise on a NaN/inf inner loss or gradient (see :class:`MAML`).
 
     BatchNorm follows MAML's episode policy (per-task batch statistics, running
     statistics untouched; :mod:`pymeta.core.norms`).
@@ -60,8 +61,11 @@ class Reptile(MAML):
         *,
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
+        check_finite: bool = False,
     ) -> None:
-        super().__init__(model, lr, first_order=True, steps=steps, loss_fn=loss_fn, strategy=strategy)
+        super().__init__(
+            model, lr, first_order=True, steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite
+        )
         self.outer_scale = _validate.positive_float("outer_scale", outer_scale)
 
     def outer_grad(self, support_x: Tensor, support_y: Tensor) -> None:
@@ -77,7 +81,8 @@ class Reptile(MAML):
         """
         loss_fn = self.loss_fn or default_loss(support_y)
         num_tasks = _validate.episode(
-            support_x, support_y, support_x, classification=_validate.is_classification_loss(loss_fn)
+            support_x, support_y, support_x, classification=_validate.is_classification_loss(loss_fn),
+            model=self.module,
         )
         # The direction is a constant: no outer graph (the inner loop still takes its grads).
         with torch.no_grad():
@@ -85,7 +90,7 @@ class Reptile(MAML):
             with self._picker.timed() as strategy:
                 adapted = inner_loop(
                     self._batched, self._batched.expand(params, num_tasks), support_x, support_y,
-                    loss_fn, self._inner_lr(list(params)), self.steps, True, strategy,
+                    loss_fn, self._inner_lr(list(params)), self.steps, True, strategy, self.check_finite,
                 )
             for name, p in params.items():
                 direction = self.outer_scale * (p - adapted[name].mean(0))

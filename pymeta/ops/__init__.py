@@ -7,5 +7,7 @@ temporary). ``backends()`` says which backends run here and why the others do no
 
 from pymeta.ops._backends import backends, force_backend
 from pymeta.ops.inner_sgd import inner_sgd
+from pymeta.ops.proto_logits import proto_logits
+from pymeta.ops.prototypes import prototypes
 
-__all__ = ["backends", "force_backend", "inner_sgd"]
+__all__ = ["backends", "force_backend", "inner_sgd", "proto_logits", "prototypes"]

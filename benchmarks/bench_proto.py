@@ -1,0 +1,174 @@
+"""ProtoNet head ops (``pymeta.ops.prototypes``, ``pymeta.ops.proto_logits``) per backend.
+
+For each shape of the sweep and each variant, times the forward alone and forward +
+backward (``autograd.grad`` w.r.t. the float inputs). Variants: ``torch``, the eager
+PyTorch a user writes today with native autograd (``torch.cdist`` as easyfsl scores,
+``normalize @ normalize.mT`` for cosine; one-hot ``bmm`` class means), then every pymeta
+backend that runs here (``reference``, ``cpp`` on CPU; ``triton``, ``cuda`` on GPU). The
+sweep includes the classic 5-way setting T=32, Q=75, N=5 at D=64 (conv4 embeddings) and
+D=1600 (ResNet-12 / WRN embeddings).
+
+CPU: medians of ``torch.utils.benchmark.Timer.blocked_autorange``, every variant timed in
+each of ``--repeats`` interleaved rounds (the machines are noisy: read the ratios). CUDA:
+``triton.testing.do_bench`` medians and effective GB/s of the forward's minimal traffic.
+Also ATen ops dispatched per forward (the reference counted through its PyTorch ops).
+Writes ``benchmarks/results/proto_<device>_<n>threads[_cputime].csv`` and prints a table
+last. On a loaded machine other processes preempt OpenMP threads in some rounds; the
+1-thread run timed with the thread's CPU clock (``--threads 1 --cpu-time``) is immune to
+that preemption and the steadier measure of the ops themselves.
+
+    python benchmarks/bench_proto.py [--device cpu] [--threads N] [--cpu-time] [--repeats 3] [--min-run-time 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+import timeit
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from measure import count_aten_ops, write_csv
+from torch import Tensor
+from torch.utils.benchmark import Timer
+
+from pymeta.ops import force_backend, proto_logits, prototypes
+from pymeta.ops._backends import BACKENDS, unavailable_reason
+
+logits_module = importlib.import_module("pymeta.ops.proto_logits")
+protos_module = importlib.import_module("pymeta.ops.prototypes")
+
+LOGITS_SHAPES = [(32, 75, 5, 64), (32, 75, 5, 1600), (4, 75, 5, 1600), (32, 75, 20, 64)]  # T, Q, N, D
+PROTO_SHAPES = [(32, 5, 5, 64), (32, 5, 5, 1600), (32, 20, 5, 640)]  # T, N, K shots, D
+
+
+def torch_logits(query: Tensor, protos: Tensor, metric: str) -> Tensor:
+    """Eager PyTorch scores as peers write them (easyfsl: -torch.cdist)."""
+    if metric == "cosine":
+        return F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).mT
+    dist = torch.cdist(query, protos)
+    return -dist.square() if metric == "sqeuclidean" else -dist
+
+
+def torch_prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    one_hot = F.one_hot(labels, n_way).to(support.dtype)
+    return one_hot.mT @ support / one_hot.sum(1).unsqueeze(-1)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float, cpu_time: bool) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
+    clock = time.thread_time if cpu_time else timeit.default_timer
+    # Timer runs its statement with num_threads intra-op threads (default 1), not torch's setting.
+    timer = Timer("fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def with_backend(backend: str, op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: object) -> Tensor:
+        with force_backend(backend):
+            return op(*args)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the calling thread's CPU clock (CPU only; needs --threads 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds per blocked_autorange")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--cpu-time measures the calling thread only: use it with --device cpu --threads 1")
+
+    backends = []
+    for backend in BACKENDS:
+        reason = unavailable_reason(backend, device)
+        if reason is None and not (backend == "triton" and device.type == "cpu"):
+            backends.append(backend)
+        else:
+            print(f"skipping backend {backend}: {reason or 'the Triton interpreter is not a benchmark'}")
+
+    torch.manual_seed(0)
+    cases = []  # (op, shape label, metric, make_call(variant) -> (forward, forward+backward), bytes, inputs)
+    for T, Q, N, D in LOGITS_SHAPES:
+        query = torch.randn(T, Q, D, device=device, requires_grad=True)
+        protos = torch.randn(T, N, D, device=device, requires_grad=True)
+        grad = torch.randn(T, Q, N, device=device)
+        for metric in logits_module.METRICS:
+            variants = {"torch": torch_logits, **{b: with_backend(b, proto_logits) for b in backends}}
+            cases.append(("proto_logits", f"T={T} Q={Q} N={N} D={D}", metric, variants,
+                          (query, protos, metric), (query, protos), grad, 4 * (T * Q * D + T * N * D + T * Q * N)))
+    for T, N, K, D in PROTO_SHAPES:
+        support = torch.randn(T, N * K, D, device=device, requires_grad=True)
+        labels = torch.stack([torch.randperm(N * K, device=device) % N for _ in range(T)])
+        grad = torch.randn(T, N, D, device=device)
+        variants = {"torch": torch_prototypes, **{b: with_backend(b, prototypes) for b in backends}}
+        cases.append(("prototypes", f"T={T} N={N} K={K} D={D}", "-", variants,
+                      (support, labels, N), (support,), grad, 4 * (T * N * K * D + T * N * D) + 8 * T * N * K))
+
+    jobs = []
+    for op, shape, metric, variants, call_args, inputs, grad, _ in cases:
+        expected = variants["torch"](*call_args)
+        for name, fn in variants.items():
+            err = (fn(*call_args) - expected).abs().max().item() / expected.abs().max().item()
+            assert err < 1e-4, f"{name} disagrees with torch on {op} {shape} {metric}: {err:.2e}"
+
+            def forward(fn=fn, call_args=call_args) -> object:
+                with torch.no_grad():
+                    return fn(*call_args)
+
+            def forward_backward(fn=fn, call_args=call_args, inputs=inputs, grad=grad) -> object:
+                return torch.autograd.grad(fn(*call_args), inputs, grad)
+
+            jobs += [((op, shape, metric, name, "fwd"), forward), ((op, shape, metric, name, "fwd+bwd"), forward_backward)]
+    timings: dict[tuple[str, ...], list[float]] = {}
+    for _ in range(args.repeats):  # interleaved: machine noise hits every variant alike
+        for key, fn in jobs:
+            timings.setdefault(key, []).append(median_seconds(fn, device, args.min_run_time, args.cpu_time))
+
+    rows = []
+    for op, shape, metric, variants, call_args, _, _, bytes_moved in cases:
+        med = {key[3:]: statistics.median(v) for key, v in timings.items() if key[:3] == (op, shape, metric)}
+        for name, fn in variants.items():
+            fwd, bwd = med[(name, "fwd")], med[(name, "fwd+bwd")]
+            if name == "reference":  # count the reference's own PyTorch ops, not its custom-op wrapper
+                module = logits_module if op == "proto_logits" else protos_module
+                count = count_aten_ops(lambda m=module, a=call_args: m.reference_forward(*(x.detach() if isinstance(x, Tensor) else x for x in a)))
+            else:
+                with torch.no_grad():
+                    count = count_aten_ops(lambda fn=fn, a=call_args: fn(*a))
+            rows.append({
+                "op": op, "shape": shape, "metric": metric, "variant": name,
+                "fwd_us": 1e6 * fwd, "fwd_x_ref": med[("reference", "fwd")] / fwd, "fwd_x_torch": med[("torch", "fwd")] / fwd,
+                "fwd_bwd_us": 1e6 * bwd, "fwd_bwd_x_ref": med[("reference", "fwd+bwd")] / bwd,
+                "fwd_bwd_x_torch": med[("torch", "fwd+bwd")] / bwd, "fwd_GBps": bytes_moved / fwd / 1e9,
+                "aten_ops_fwd": count,
+            })
+    clock = "_cputime" if args.cpu_time else ""
+    write_csv(f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
+    print(f"\nProtoNet head ops on {device} ({torch.get_num_threads()} threads{', thread CPU time' if args.cpu_time else ''}), "
+          f"float32, medians of {args.repeats} interleaved rounds; x ref / x torch = that variant's time / this variant's time")
+    header = (f"{'op':12s} {'shape':22s} {'metric':11s} {'variant':9s} {'fwd us':>9s} {'x ref':>6s} {'x torch':>7s} "
+              f"{'fwd+bwd us':>10s} {'x ref':>6s} {'x torch':>7s} {'GB/s':>6s} {'ops':>4s}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['op']:12s} {r['shape']:22s} {r['metric']:11s} {r['variant']:9s} {r['fwd_us']:9.1f} {r['fwd_x_ref']:6.2f} "
+              f"{r['fwd_x_torch']:7.2f} {r['fwd_bwd_us']:10.1f} {r['fwd_bwd_x_ref']:6.2f} {r['fwd_bwd_x_torch']:7.2f} "
+              f"{r['fwd_GBps']:6.2f} {r['aten_ops_fwd']:4d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+// ATen binding of the CUDA kernels of pymeta::inner_sgd (csrc/inner_sgd.cuh): groups the
+// list by dtype, packs one table of entries per group (one host-to-device copy) and
+// launches the kernels once per group.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "inner_sgd.cuh"
+#include "inner_sgd.h"
+
+namespace {
+
+using pymeta::inner_sgd::Operands;
+namespace kernels = pymeta::inner_sgd_cuda;
+
+// ATen storage types -> the CUDA types of the torch-free header (same layout).
+template <typename scalar_t>
+using cuda_type_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
+                                       std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
+                                                          scalar_t>>;
+
+// The current stream of `device` through c10's device-generic interface: no CUDA-specific
+// torch headers, so this file compile-checks with nvcc even against a CPU build of torch.
+cudaStream_t current_stream(const c10::Device& device) {
+  return static_cast<cudaStream_t>(c10::impl::VirtualGuardImpl(device.type()).getStream(device).native_handle());
+}
+
+// Copies `items` to a device buffer (kept alive by the returned tensor). The source is
+// pageable host memory, so the copy is staged before `to` returns: no stream sync needed.
+template <typename T>
+at::Tensor upload(const std::vector<T>& items, const c10::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(items.size() * sizeof(T))}, at::kByte);
+  std::memcpy(host.mutable_data_ptr(), items.data(), items.size() * sizeof(T));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// Indices of the non-empty entries, grouped by dtype: one launch per group.
+std::map<at::ScalarType, std::vector<size_t>> by_dtype(const std::vector<Operands>& entries) {
+  std::map<at::ScalarType, std::vector<size_t>> groups;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    if (entries[k].rows * entries[k].cols > 0) groups[entries[k].p.scalar_type()].push_back(k);
+  }
+  return groups;
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+std::vector<at::Tensor> inner_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList lr, double scale) {
+  const auto entries = pymeta::inner_sgd::operands(params, grads, lr, c10::DeviceType::CUDA);
+  std::vector<at::Tensor> outs;
+  for (const auto& p : params) outs.push_back(at::empty(p.sizes(), p.options()));
+  if (entries.empty()) return outs;
+  const c10::Device device = params[0].device();
+  const c10::DeviceGuard guard(device);
+  for (const auto& group : by_dtype(entries)) {
+    const at::ScalarType dtype = group.first;
+    const std::vector<size_t>& ks = group.second;
+    std::vector<kernels::ForwardEntry> table;
+    int64_t tiles = 0;
+    for (size_t k : ks) {
+      const Operands& e = entries[k];
+      table.push_back({e.p.const_data_ptr(), e.g.const_data_ptr(), outs[k].mutable_data_ptr(),
+                       e.lr.defined() ? e.lr.const_data_ptr() : nullptr, e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs,
+                       e.lr_cs, tiles});
+      tiles += (e.rows * e.cols + kernels::kForwardTile - 1) / kernels::kForwardTile;
+    }
+    const at::Tensor table_device = upload(table, device);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inner_sgd_cuda", [&] {
+      check(kernels::launch_forward<cuda_type_t<scalar_t>, at::opmath_type<scalar_t>>(
+                static_cast<const kernels::ForwardEntry*>(table_device.const_data_ptr()),
+                static_cast<int>(table.size()), tiles, scale, current_stream(device)),
+            "inner_sgd");
+    });
+  }
+  return outs;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> inner_sgd_backward_cuda(
+    at::TensorList grad_outs, at::TensorList grads, at::TensorList lr, double scale, bool need_grads, bool need_lr) {
+  need_lr = need_lr && !lr.empty();
+  TORCH_CHECK_VALUE(!need_lr || !grads.empty(), "inner_sgd_backward: the lr gradient needs the grads");
+  // Without lr gradients the grads are never read: grad_outs stand in for them.
+  const auto entries =
+      pymeta::inner_sgd::operands(grad_outs, grads.empty() ? grad_outs : grads, lr, c10::DeviceType::CUDA);
+  std::vector<at::Tensor> grad_g, grad_lr;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    if (need_grads) grad_g.push_back(at::empty(grad_outs[k].sizes(), grad_outs[k].options()));
+    // Zero-size tensors launch nothing, so their (possibly non-empty) lr gradient is zero.
+    if (need_lr) {
+      grad_lr.push_back(entries[k].rows * entries[k].cols == 0 ? at::zeros_like(lr[k])
+                                                               : at::empty(lr[k].sizes(), lr[k].options()));
+    }
+  }
+  if (entries.empty() || (!need_grads && !need_lr)) return {std::move(grad_g), std::move(grad_lr)};
+  const c10::Device device = grad_outs[0].device();
+  const c10::DeviceGuard guard(device);
+  for (const auto& group : by_dtype(entries)) {
+    const at::ScalarType dtype = group.first;
+    const std::vector<size_t>& ks = group.second;
+    std::vector<kernels::BackwardEntry> table;
+    std::vector<kernels::ReduceEntry> reduce;
+    int64_t tiles = 0, partials = 0;
+    for (size_t k : ks) {
+      const Operands& e = entries[k];
+      const int64_t strips = (e.cols + kernels::kBackwardThreads - 1) / kernels::kBackwardThreads;
+      const bool reduced = need_lr && e.lr_cs == 0;  // per task or per layer
+      table.push_back({e.p.const_data_ptr(), need_lr ? e.g.const_data_ptr() : nullptr,
+                       e.lr.defined() ? e.lr.const_data_ptr() : nullptr,
+                       need_grads ? grad_g[k].mutable_data_ptr() : nullptr,
+                       need_lr ? grad_lr[k].mutable_data_ptr() : nullptr, e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs,
+                       e.lr_cs, reduced ? partials : -1, tiles});
+      if (reduced) {
+        reduce.push_back({grad_lr[k].mutable_data_ptr(), partials, e.rows, strips, e.lr_rs != 0 ? 1 : 0});
+        partials += strips * e.rows;
+      }
+      tiles += strips;
+    }
+    const at::Tensor table_device = upload(table, device);
+    const at::Tensor reduce_device = upload(reduce, device);
+    at::Tensor partial = at::empty({std::max<int64_t>(partials, 1)}, grad_outs[0].options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inner_sgd_backward_cuda", [&] {
+      check(kernels::launch_backward<cuda_type_t<scalar_t>, at::opmath_type<scalar_t>>(
+                static_cast<const kernels::BackwardEntry*>(table_device.const_data_ptr()),
+                static_cast<int>(table.size()), tiles,
+                static_cast<const kernels::ReduceEntry*>(reduce_device.const_data_ptr()),
+                static_cast<int>(reduce.size()), partial.mutable_data_ptr<double>(), scale, current_stream(device)),
+            "inner_sgd_backward");
+    });
+  }
+  return {std::move(grad_g), std::move(grad_lr)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pymeta_cuda, m) {
+  m.def("inner_sgd(Tensor[] params, Tensor[] grads, Tensor[] lr, float scale) -> Tensor[]");
+  m.def(
+      "inner_sgd_backward(Tensor[] grad_outs, Tensor[] grads, Tensor[] lr, float scale, bool need_grads, "
+      "bool need_lr) -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(pymeta_cuda, CUDA, m) {
+  m.impl("inner_sgd", &inner_sgd_cuda);
+  m.impl("inner_sgd_backward", &inner_sgd_backward_cuda);
+}

@@ -1,0 +1,209 @@
+// CUDA kernels of pymeta::inner_sgd (out[k] = params[k] - scale * lr[k] * grads[k] over a
+// list of tensors) and its fused backward: one launch per dtype for the whole list.
+//
+// Torch-free on purpose: plain pointers in small structs, sizes and a stream, so CI can
+// compile-check this header with nvcc alone; csrc/inner_sgd.cu binds it to ATen. The
+// operand layout (rows = task dim, row/col strides, stride-0 expanded params) is the one
+// of csrc/inner_sgd.h. `scalar_t` is float, double, __half or __nv_bfloat16; `acc_t` (the
+// compute and lr dtype) is float, or double for double.
+//
+// * forward: tiles of kForwardTile consecutive elements of one tensor; block b finds its
+//   tensor by binary search over the entries' first tiles.
+// * backward: blocks own a strip of kBackwardThreads columns over all rows, so an lr shared
+//   by every task sums over rows in registers; per-task / per-layer lr gradients leave one
+//   partial sum per (strip, row), added up in tile order by reduce_kernel (deterministic).
+//   Sums of products are formed and added in double.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pymeta {
+namespace inner_sgd_cuda {
+
+constexpr int kForwardThreads = 256;
+constexpr int kForwardTile = 4 * kForwardThreads;
+constexpr int kBackwardThreads = 256;
+constexpr int kReduceThreads = 128;
+
+// One tensor of the list. Pointers are untyped so a table of them is one plain array.
+struct ForwardEntry {
+  const void* p;
+  const void* g;
+  void* out;
+  const void* lr;  // null: the rate is `scale` alone
+  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
+  int64_t first_tile;
+};
+
+struct BackwardEntry {
+  const void* go;
+  const void* g;   // read only for the lr gradient
+  const void* lr;  // null: no lr tensors
+  void* grad_g;    // null: not needed
+  void* grad_lr;   // null: not needed
+  int64_t rows, cols, go_rs, g_rs, lr_rs, lr_cs;
+  int64_t partial;  // first per-(strip, row) partial sum, or -1 when lr is not per task / per layer
+  int64_t first_tile;
+};
+
+// A per-task ([T, 1, ...]) or per-layer ([]) lr gradient to add up from the partial sums.
+struct ReduceEntry {
+  void* grad_lr;
+  int64_t partial, rows, tiles, per_task;
+};
+
+// Storage <-> compute conversions: explicit intrinsics, because torch builds extensions
+// with __CUDA_NO_HALF_CONVERSIONS__ (no implicit half casts).
+template <typename acc_t>
+__device__ __forceinline__ acc_t load(const float* x) { return *x; }
+template <typename acc_t>
+__device__ __forceinline__ acc_t load(const double* x) { return *x; }
+template <typename acc_t>
+__device__ __forceinline__ acc_t load(const __half* x) { return __half2float(*x); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t load(const __nv_bfloat16* x) { return __bfloat162float(*x); }
+__device__ __forceinline__ void store(float* out, float x) { *out = x; }
+__device__ __forceinline__ void store(double* out, double x) { *out = x; }
+__device__ __forceinline__ void store(__half* out, float x) { *out = __float2half(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* out, float x) { *out = __float2bfloat16(x); }
+
+// Index of the entry whose tiles contain `tile` (entries are sorted by first_tile).
+template <typename Entry>
+__device__ __forceinline__ int find_entry(const Entry* entries, int num_entries, int64_t tile) {
+  int lo = 0, hi = num_entries - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (entries[mid].first_tile <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_kernel(const ForwardEntry* __restrict__ entries, int num_entries, double neg_scale) {
+  const int64_t tile = blockIdx.x;
+  const ForwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const auto* p = static_cast<const scalar_t*>(e.p);
+  const auto* g = static_cast<const scalar_t*>(e.g);
+  const auto* lr = static_cast<const acc_t*>(e.lr);
+  auto* out = static_cast<scalar_t*>(e.out);
+  const acc_t neg = static_cast<acc_t>(neg_scale);
+  const int64_t numel = e.rows * e.cols;
+  const int64_t begin = (tile - e.first_tile) * kForwardTile;
+  for (int i = threadIdx.x; i < kForwardTile; i += kForwardThreads) {
+    const int64_t idx = begin + i;
+    if (idx >= numel) return;
+    const int64_t t = idx / e.cols, j = idx - t * e.cols;
+    // (-scale * lr) * g + p: the rounding order of torch.addcmul, as the other backends.
+    const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
+    store(out + idx, load<acc_t>(p + t * e.p_rs + j) + rate * load<acc_t>(g + t * e.g_rs + j));
+  }
+}
+
+// Sum of `value` over the block (kBackwardThreads threads), valid in thread 0.
+__device__ __forceinline__ double block_sum(double value, double* shared) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read from the previous call
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kBackwardThreads / 32; ++w) total += shared[w];
+  }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void backward_kernel(const BackwardEntry* __restrict__ entries, int num_entries, double neg_scale,
+                                double* __restrict__ partials) {
+  __shared__ double shared[kBackwardThreads / 32];
+  const int64_t tile = blockIdx.x;
+  const BackwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const auto* go = static_cast<const scalar_t*>(e.go);
+  const auto* g = static_cast<const scalar_t*>(e.g);
+  const auto* lr = static_cast<const acc_t*>(e.lr);
+  auto* grad_g = static_cast<scalar_t*>(e.grad_g);
+  auto* grad_lr = static_cast<acc_t*>(e.grad_lr);
+  const acc_t neg = static_cast<acc_t>(neg_scale);
+  const int64_t j = (tile - e.first_tile) * kBackwardThreads + threadIdx.x;
+  const bool in = j < e.cols;  // out-of-range threads still join the block sums
+  double shared_cols = 0;      // an lr shared by every task: its gradient sums over rows
+  for (int64_t t = 0; t < e.rows; ++t) {
+    const acc_t go_tj = in ? load<acc_t>(go + t * e.go_rs + j) : acc_t(0);
+    if (grad_g != nullptr && in) {
+      const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
+      store(grad_g + t * e.cols + j, rate * go_tj);
+    }
+    if (grad_lr == nullptr) continue;
+    const acc_t g_tj = in ? load<acc_t>(g + t * e.g_rs + j) : acc_t(0);
+    if (e.lr_cs == 0) {  // per task or per layer: one partial sum per row
+      const double row = block_sum(static_cast<double>(go_tj) * static_cast<double>(g_tj), shared);
+      if (threadIdx.x == 0) partials[e.partial + (tile - e.first_tile) * e.rows + t] = row;
+    } else if (e.lr_rs == 0) {  // per element, shared by every task
+      shared_cols += static_cast<double>(go_tj) * static_cast<double>(g_tj);
+    } else if (in) {  // per task and element
+      grad_lr[t * e.lr_rs + j] = neg * (go_tj * g_tj);
+    }
+  }
+  if (grad_lr != nullptr && e.lr_cs != 0 && e.lr_rs == 0 && in) {
+    grad_lr[j] = static_cast<acc_t>(neg_scale * shared_cols);
+  }
+}
+
+template <typename acc_t>
+__global__ void reduce_kernel(const ReduceEntry* __restrict__ entries, double neg_scale,
+                              const double* __restrict__ partials) {
+  __shared__ double shared[kReduceThreads];
+  const ReduceEntry e = entries[blockIdx.x];
+  auto* grad_lr = static_cast<acc_t*>(e.grad_lr);
+  double total = 0;
+  for (int64_t t = threadIdx.x; t < e.rows; t += kReduceThreads) {
+    double sum = 0;
+    for (int64_t tile = 0; tile < e.tiles; ++tile) sum += partials[e.partial + tile * e.rows + t];  // tile order
+    if (e.per_task) grad_lr[t] = static_cast<acc_t>(neg_scale * sum);
+    total += sum;
+  }
+  if (e.per_task) return;
+  shared[threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kReduceThreads; ++i) total += shared[i];
+    grad_lr[0] = static_cast<acc_t>(neg_scale * total);
+  }
+}
+
+// entries: device array of num_entries ForwardEntry sorted by first_tile; num_tiles in total.
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_forward(const ForwardEntry* entries, int num_entries, int64_t num_tiles, double scale,
+                           cudaStream_t stream) {
+  if (num_tiles == 0) return cudaSuccess;
+  forward_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(num_tiles), kForwardThreads, 0, stream>>>(entries, num_entries, -scale);
+  return cudaGetLastError();
+}
+
+// entries as for launch_forward (tiles = column strips); partials: double workspace with
+// the slots the entries' `partial` fields point to; reduce: num_reduce ReduceEntry.
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_backward(const BackwardEntry* entries, int num_entries, int64_t num_tiles,
+                            const ReduceEntry* reduce, int num_reduce, double* partials, double scale,
+                            cudaStream_t stream) {
+  if (num_tiles == 0) return cudaSuccess;
+  backward_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(num_tiles), kBackwardThreads, 0, stream>>>(entries, num_entries, -scale, partials);
+  if (num_reduce > 0) {
+    reduce_kernel<acc_t><<<static_cast<unsigned>(num_reduce), kReduceThreads, 0, stream>>>(reduce, -scale, partials);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace inner_sgd_cuda
+}  // namespace pymeta

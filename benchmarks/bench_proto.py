@@ -11,7 +11,8 @@ D=1600 (ResNet-12 / WRN embeddings).
 CPU: medians of ``torch.utils.benchmark.Timer.blocked_autorange``, every variant timed in
 each of ``--repeats`` interleaved rounds (the machines are noisy: read the ratios). CUDA:
 ``triton.testing.do_bench`` medians and effective GB/s of the forward's minimal traffic.
-Also ATen ops dispatched per forward (the reference counted through its PyTorch ops).
+Also ATen ops dispatched per forward, all and non-view (a floor on kernel launches); the
+reference is counted through its PyTorch ops, a fused op counts as one.
 Writes ``benchmarks/results/proto_<device>_<n>threads[_cputime].csv`` and prints a table
 last. On a loaded machine other processes preempt OpenMP threads in some rounds; the
 1-thread run timed with the thread's CPU clock (``--threads 1 --cpu-time``) is immune to
@@ -23,6 +24,7 @@ that preemption and the steadier measure of the ops themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import time
@@ -69,12 +71,10 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def with_backend(backend: str, op: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def run(*args: object) -> Tensor:
-        with force_backend(backend):
-            return op(*args)
-
-    return run
+def backend_scope(variant: str) -> contextlib.AbstractContextManager:
+    # The whole timed call runs in the scope: backward kernels pick their backend when the
+    # backward runs, not when the forward recorded it.
+    return contextlib.nullcontext() if variant == "torch" else force_backend(variant)
 
 
 def main() -> None:
@@ -107,14 +107,14 @@ def main() -> None:
         protos = torch.randn(T, N, D, device=device, requires_grad=True)
         grad = torch.randn(T, Q, N, device=device)
         for metric in logits_module.METRICS:
-            variants = {"torch": torch_logits, **{b: with_backend(b, proto_logits) for b in backends}}
+            variants = {"torch": torch_logits, **dict.fromkeys(backends, proto_logits)}
             cases.append(("proto_logits", f"T={T} Q={Q} N={N} D={D}", metric, variants,
                           (query, protos, metric), (query, protos), grad, 4 * (T * Q * D + T * N * D + T * Q * N)))
     for T, N, K, D in PROTO_SHAPES:
         support = torch.randn(T, N * K, D, device=device, requires_grad=True)
         labels = torch.stack([torch.randperm(N * K, device=device) % N for _ in range(T)])
         grad = torch.randn(T, N, D, device=device)
-        variants = {"torch": torch_prototypes, **{b: with_backend(b, prototypes) for b in backends}}
+        variants = {"torch": torch_prototypes, **dict.fromkeys(backends, prototypes)}
         cases.append(("prototypes", f"T={T} N={N} K={K} D={D}", "-", variants,
                       (support, labels, N), (support,), grad, 4 * (T * N * K * D + T * N * D) + 8 * T * N * K))
 
@@ -122,15 +122,17 @@ def main() -> None:
     for op, shape, metric, variants, call_args, inputs, grad, _ in cases:
         expected = variants["torch"](*call_args)
         for name, fn in variants.items():
-            err = (fn(*call_args) - expected).abs().max().item() / expected.abs().max().item()
+            with backend_scope(name):
+                err = (fn(*call_args) - expected).abs().max().item() / expected.abs().max().item()
             assert err < 1e-4, f"{name} disagrees with torch on {op} {shape} {metric}: {err:.2e}"
 
-            def forward(fn=fn, call_args=call_args) -> object:
-                with torch.no_grad():
+            def forward(fn=fn, name=name, call_args=call_args) -> object:
+                with backend_scope(name), torch.no_grad():
                     return fn(*call_args)
 
-            def forward_backward(fn=fn, call_args=call_args, inputs=inputs, grad=grad) -> object:
-                return torch.autograd.grad(fn(*call_args), inputs, grad)
+            def forward_backward(fn=fn, name=name, call_args=call_args, inputs=inputs, grad=grad) -> object:
+                with backend_scope(name):
+                    return torch.autograd.grad(fn(*call_args), inputs, grad)
 
             jobs += [((op, shape, metric, name, "fwd"), forward), ((op, shape, metric, name, "fwd+bwd"), forward_backward)]
     timings: dict[tuple[str, ...], list[float]] = {}
@@ -145,16 +147,16 @@ def main() -> None:
             fwd, bwd = med[(name, "fwd")], med[(name, "fwd+bwd")]
             if name == "reference":  # count the reference's own PyTorch ops, not its custom-op wrapper
                 module = logits_module if op == "proto_logits" else protos_module
-                count = count_aten_ops(lambda m=module, a=call_args: m.reference_forward(*(x.detach() if isinstance(x, Tensor) else x for x in a)))
+                ops = count_aten_ops(lambda m=module, a=call_args: m.reference_forward(*(x.detach() if isinstance(x, Tensor) else x for x in a)))
             else:
-                with torch.no_grad():
-                    count = count_aten_ops(lambda fn=fn, a=call_args: fn(*a))
+                with backend_scope(name), torch.no_grad():
+                    ops = count_aten_ops(lambda fn=fn, a=call_args: fn(*a))
             rows.append({
                 "op": op, "shape": shape, "metric": metric, "variant": name,
                 "fwd_us": 1e6 * fwd, "fwd_x_ref": med[("reference", "fwd")] / fwd, "fwd_x_torch": med[("torch", "fwd")] / fwd,
                 "fwd_bwd_us": 1e6 * bwd, "fwd_bwd_x_ref": med[("reference", "fwd+bwd")] / bwd,
                 "fwd_bwd_x_torch": med[("torch", "fwd+bwd")] / bwd, "fwd_GBps": bytes_moved / fwd / 1e9,
-                "aten_ops_fwd": count,
+                "aten_ops_fwd": ops.total, "aten_non_view_ops_fwd": ops.non_view,
             })
     clock = "_cputime" if args.cpu_time else ""
     write_csv(f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)

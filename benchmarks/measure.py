@@ -1,38 +1,298 @@
-"""Measurement helpers shared by the benchmark scripts (not part of the library)."""
+"""Measurement helpers shared by the benchmark scripts (not part of the library).
+
+One implementation of each, used by every script in ``benchmarks/``:
+
+* :func:`count_aten_ops` -- ATen ops dispatched by one call (forward and backward), as an
+  :class:`OpCount` ``(total, non_view, by_op)``.
+* :func:`peak_memory` -- peak bytes of tensor storage alive at once during one call.
+* :func:`flops` -- FLOPs of one call (``FlopCounterMode``, grouped-conv backward fixed).
+* :func:`measure_all` -- the three above, in two calls.
+* :func:`matmul_peak_flops` -- this machine's achieved fp32 ``torch.mm`` rate, the
+  yardstick for "fraction of peak".
+* :func:`write_csv` -- rows of dicts to ``benchmarks/results/<name>``.
+"""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import weakref
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "RESULTS",
+    "OpCount",
+    "StepMeasures",
+    "count_aten_ops",
+    "flops",
+    "matmul_peak_flops",
+    "measure_all",
+    "peak_memory",
+    "write_csv",
+]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# --------------------------------------------------------------------------------------
+# Dispatched ATen ops
+# --------------------------------------------------------------------------------------
+
+
+class OpCount(NamedTuple):
+    """Dispatched ATen ops of one call: all, non-view (a floor on kernel launches), per op.
+
+    A custom op (e.g. ``pymeta::inner_sgd``) counts as one op, whatever its kernel runs
+    internally: the dispatch mode sees the call, not the ops inside its implementation.
+    """
+
+    total: int
+    non_view: int
+    by_op: Counter[str]
+
+
 class _OpCounter(TorchDispatchMode):
+    """Counts every op reaching the Python dispatch key, and how many are views."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.by_op: Counter[str] = Counter()
+        self.views = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        name = func.overloadpacket.__name__
+        namespace = getattr(func, "namespace", "aten")
+        self.by_op[name if namespace == "aten" else f"{namespace}::{name}"] += 1
+        if func.is_view:
+            self.views += 1
         return func(*args, **(kwargs or {}))
 
 
-def count_aten_ops(fn: Callable[[], object]) -> int:
-    """ATen ops dispatched by one call of ``fn`` (a floor on GPU kernel launches)."""
-    with _OpCounter() as counter:
+def count_aten_ops(fn: Callable[[], Any]) -> OpCount:
+    """Count the ATen ops dispatched by one call of ``fn`` (forward *and* backward).
+
+    A ``TorchDispatchMode`` sees every op that reaches the Python dispatch key: after
+    autograd, after composite-implicit decompositions and after vmap's batching rules, i.e.
+    the ops that actually run kernels (plus views and other metadata-only ops, reported
+    separately via ``OpCount.non_view``). Custom ops are keyed ``namespace::name``.
+    """
+    counter = _OpCounter()
+    with counter:
         fn()
-    return counter.count
+    total = sum(counter.by_op.values())
+    return OpCount(total, total - counter.views, counter.by_op)
 
 
-def write_csv(name: str, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+# --------------------------------------------------------------------------------------
+# Peak tensor memory
+# --------------------------------------------------------------------------------------
+
+
+def _storage_key(t: Tensor) -> int | None:
+    """Identity of a tensor's storage (its StorageImpl address), or None if it has none."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _LiveStorageTracker(TorchDispatchMode):
+    """Tracks bytes of tensor storages created by dispatched ops and still alive.
+
+    A storage is new when it is an op output's storage that is not the storage of one of
+    that op's tensor inputs (which rules out views and in-place/out= results) and is not
+    already tracked. Its death is observed with ``weakref.finalize`` on the ``UntypedStorage``
+    Python object, which PyTorch keeps alive exactly as long as the C++ storage
+    (PyObject preservation), whatever views of it exist.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        """Finalizer of a tracked storage: it has been released."""
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, some wrapper subclasses
+                continue
+            key = storage._cdata
+            if key in self._tracked or key in inputs:
+                continue
+            nbytes = storage.nbytes()
+            self._tracked.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor storage allocated by one call of ``fn`` and alive at once.
+
+    Counts every storage created by an ATen op during the call (activations, saved tensors,
+    gradients, the ``.grad`` fields it leaves behind) from its creation until it is freed;
+    tensors that existed before the call (parameters, data) are the baseline and are not
+    counted. Method: a ``TorchDispatchMode`` (see ``_LiveStorageTracker``) -- exact for
+    tensor memory and deterministic, unlike allocator-level CPU readings. It does not see
+    scratch buffers allocated *inside* a kernel (e.g. convolution workspaces, or the
+    temporaries of a custom op's implementation), which no tensor outside it owns.
+    ``torch.profiler(profile_memory=True)`` was rejected: on CPU it attributes allocations
+    to op events and frees to ``[memory]`` events, so reconstructing a timeline needs its
+    private ``_memory_profile`` API.
+    """
+    tracker = _LiveStorageTracker()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+# --------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------
+
+
+def _conv_backward_flop(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    groups: int,
+    output_mask: list[bool],
+    out_shape: Any = None,
+    **_: Any,
+) -> int:
+    """``aten.convolution_backward`` FLOPs, correct for grouped convolutions.
+
+    ``FlopCounterMode``'s own formula (torch 2.13 and 2.14) ignores ``groups`` in the
+    grad-weight term and so over-counts it ``groups``-fold. vmap over per-task conv
+    weights runs grouped convolutions with ``groups = T``: uncorrected, the torch.func
+    conv4 meta-step reads 10x the FLOPs of the per-task loops at T = 32.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    def t(shape: Sequence[int]) -> list[int]:
+        return [shape[1], shape[0], *shape[2:]]
+
+    count = 0
+    if output_mask[0]:
+        count += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        if transposed:
+            weight = conv_flop_count(t(grad_out_shape), t(x_shape), t(out_shape[1]))
+        else:
+            weight = conv_flop_count(t(x_shape), t(grad_out_shape), t(out_shape[1]))
+        count += weight // groups
+    return count
+
+
+def flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (forward and backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv/attention ops only, by
+    design; elementwise ops count zero), with grouped-conv backward corrected
+    (:func:`_conv_backward_flop`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(
+        display=False,
+        custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
+    )
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+class StepMeasures(NamedTuple):
+    """The hardware-independent figures of one call: ops, peak tensor bytes, FLOPs."""
+
+    ops: OpCount
+    peak_bytes: int
+    flops: int
+
+
+def measure_all(fn: Callable[[], Any], with_flops: bool = True) -> StepMeasures:
+    """:func:`count_aten_ops`, :func:`peak_memory` and (unless ``with_flops=False``, then 0)
+    :func:`flops` of ``fn``, in two calls instead of three.
+
+    The op counter and the storage tracker are stacked in one call: each sees every op once
+    and neither keeps a tensor, so the figures equal separate calls (checked by
+    ``bench_meta.py --self-check``). ``FlopCounterMode`` is *not* stacked with them: its
+    module tracker hooks module inputs and outputs (``register_multi_grad_hook``) and so
+    changes tensor lifetimes -- measured here, the torch.func sinusoid 5-step meta-step
+    read 10% more peak memory inside it.
+    """
+    op_counter = _OpCounter()
+    tracker = _LiveStorageTracker()
+    with op_counter, tracker:
+        fn()
+    total = sum(op_counter.by_op.values())
+    ops = OpCount(total, total - op_counter.views, op_counter.by_op)
+    return StepMeasures(ops, tracker.peak, flops(fn) if with_flops else 0)
+
+
+def matmul_peak_flops(n: int = 2048, min_run_time: float = 0.5, rounds: int = 3) -> float:
+    """This machine's fp32 matmul rate in FLOP/s: the best of ``rounds`` medians of a
+    ``torch.mm`` of two ``n x n`` matrices (``2 n^3`` FLOPs), on the current torch threads.
+
+    "Best of" because it stands for the peak: noise from other processes only lowers it.
+    """
+    from torch.utils.benchmark import Timer
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(n, n, generator=g)
+    b = torch.rand(n, n, generator=g)
+    timer = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
+                  num_threads=torch.get_num_threads())  # fmt: skip
+    timer.timeit(1)  # warm-up (packing buffers, thread pool)
+    best = min(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(rounds))
+    return 2.0 * n**3 / best
+
+
+# --------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------
+
+
+def write_csv(name: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write ``rows`` as CSV to ``benchmarks/results/<name>`` (or to ``name`` if it is a path
+    with a folder); the columns are the union of the rows' keys, in first-seen order."""
+    path = Path(name)
+    if path.parent == Path("."):
+        path = RESULTS / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fieldnames: dict[str, None] = {}
+    for row in rows:
+        fieldnames.update(dict.fromkeys(row))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), restval="")
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path}")

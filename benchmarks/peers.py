@@ -30,12 +30,18 @@ Peers:
   Its second-order meta-gradient through BatchNorm (conv4) is *wrong* (pytorch/functorch
   issue 534, DESIGN.md "Known traps"); that is expected and only measured here.
 * ``"easyfsl"``     -- ``easyfsl.methods.PrototypicalNetworks`` (``conv4_protonet`` only).
+* ``"pymeta"``      -- this library, every workload: ``pymeta.MAML`` / ``MetaSGD`` /
+  ``ProtoNet(metric="euclidean")``, one batched ``episode(support_x, support_y, query_x)``
+  over all tasks, the mean query loss, one ``backward()``. Execution strategy ``"auto"`` by
+  default (measured on the first calls; ``MetaStep.strategy()`` says what it chose).
 
-Peer libraries are imported lazily inside the builders; a missing or broken one raises
-:class:`PeerUnavailable` so a driver reports ``skipped: <reason>`` and never fakes a number.
-This module itself imports only ``torch`` and so is importable from any Python with torch.
+Peer libraries (pymeta too) are imported lazily inside the builders; a missing or broken
+one raises :class:`PeerUnavailable` so a driver reports ``skipped: <reason>`` and never
+fakes a number. This module itself imports only ``torch`` (and ``measure.py`` beside it)
+and so is importable from any Python with torch.
 
-Measurement helpers: :func:`count_aten_ops`, :func:`peak_memory`, :func:`flops`.
+Measurement helpers (:func:`count_aten_ops`, :func:`peak_memory`, :func:`flops`) live in
+``benchmarks/measure.py`` and are re-exported here.
 
 Run ``python benchmarks/peers.py`` (ideally with the peers venv's Python, see
 ``benchmarks/README.md``) for a smoke check: every peer's meta-step runs, the peers'
@@ -47,8 +53,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import weakref
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -56,8 +60,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+try:  # run as a script from benchmarks/, or imported with benchmarks/ on sys.path
+    from measure import OpCount, count_aten_ops, flops, peak_memory
+except ImportError:  # imported as benchmarks.peers from the repository root
+    from benchmarks.measure import OpCount, count_aten_ops, flops, peak_memory
 
 __all__ = [
     "PEERS",
@@ -70,11 +77,14 @@ __all__ = [
     "conv4_maml",
     "conv4_protonet",
     "count_aten_ops",
+    "flat_grad",
     "flops",
     "image_episodes",
     "make_conv4",
     "make_mlp",
+    "parse_peer",
     "peak_memory",
+    "protonet_logits",
     "sinusoid_maml",
     "sinusoid_metasgd",
     "sinusoid_tasks",
@@ -96,10 +106,15 @@ class PeerUnavailable(RuntimeError):
 
 
 class MetaStep(NamedTuple):
-    """One peer's meta-step: ``step()`` runs it, ``params`` receive the meta-gradients."""
+    """One peer's meta-step: ``step()`` runs it, ``params`` receive the meta-gradients.
+
+    ``strategy`` (pymeta only) returns the execution strategy in use: ``None`` while
+    ``"auto"`` is still measuring its candidates, then the one it chose.
+    """
 
     step: Callable[[], None]
     params: list[Tensor]
+    strategy: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,9 +207,12 @@ def make_conv4(
     in_channels: int = 1,
     size: int = 28,
     dtype: torch.dtype = torch.float32,
+    batch_norm: bool = True,
 ) -> nn.Module:
     """The conv4 backbone: 4 x [conv3x3(64, pad 1) - BatchNorm - ReLU - maxpool2], flatten,
     then ``Linear(features, n_way)`` unless ``n_way`` is None (encoder only, for ProtoNet).
+    ``batch_norm=False`` puts ``nn.Identity`` in place of BatchNorm (same conv weights):
+    for checks that must not depend on how a library batches BatchNorm statistics.
 
     BatchNorm uses batch statistics and keeps no running statistics
     (``track_running_stats=False``, as in learn2learn's own conv4 and the functorch MAML
@@ -208,7 +226,9 @@ def make_conv4(
         for _ in range(4):
             layers += [
                 nn.Conv2d(c_in, channels, 3, padding=1),
-                nn.BatchNorm2d(channels, track_running_stats=False),
+                nn.BatchNorm2d(channels, track_running_stats=False)
+                if batch_norm
+                else nn.Identity(),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
@@ -350,6 +370,39 @@ def _maml_torch_func(
     return MetaStep(step, meta_params)
 
 
+def _maml_pymeta(
+    model: nn.Module,
+    data: Episodes,
+    lr: float,
+    steps: int,
+    first_order: bool,
+    loss_fn: LossFn,
+    strategy: str = "auto",
+    metasgd: bool = False,
+) -> MetaStep:
+    """pymeta ``MAML`` (or ``MetaSGD``): one batched ``episode`` over all tasks, the mean
+    query loss over tasks, one ``backward()``.
+
+    With equally many queries per task, ``loss_fn`` (mean reduction) of the flattened
+    ``[T * Q, ...]`` predictions is the mean over tasks of the per-task query losses, as
+    the per-task peers compute it.
+    """
+    pymeta = _import_peer("pymeta", "pymeta")
+    cls = pymeta.MetaSGD if metasgd else pymeta.MAML
+    algo = cls(model, lr=lr, first_order=first_order, steps=steps, loss_fn=loss_fn,
+               strategy=strategy)  # fmt: skip
+    params = list(algo.parameters())  # the model's, then (Meta-SGD) the lrs: learn2learn's order
+    sx, sy, qx = data.support_x, data.support_y, data.query_x
+    qy = data.query_y.flatten(0, 1)
+
+    def step() -> None:
+        _zero_grads(params)
+        pred = algo.episode(sx, sy, qx)
+        loss_fn(pred.flatten(0, 1), qy).backward()
+
+    return MetaStep(step, params, lambda: algo.strategy)
+
+
 def _maml(
     workload: str,
     peer: str,
@@ -359,8 +412,11 @@ def _maml(
     steps: int,
     first_order: bool,
     loss_fn: LossFn,
+    strategy: str = "auto",
 ) -> MetaStep:
-    """Dispatch a MAML workload to the peer's implementation."""
+    """Dispatch a MAML workload to the peer's implementation (``strategy``: pymeta's)."""
+    if peer == "pymeta":
+        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy)
     if peer == "learn2learn":
         return _maml_learn2learn(model, data, lr, steps, first_order, loss_fn)
     if peer == "higher":
@@ -386,11 +442,15 @@ def sinusoid_maml(
     lr: float = 0.01,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    strategy: str = "auto",
 ) -> MetaStep:
-    """(a) Sinusoid regression, MLP 1-40-40-1, MAML (second order by default), MSE loss."""
+    """(a) Sinusoid regression, MLP 1-40-40-1, MAML (second order by default), MSE loss.
+
+    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
+    """
     data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype)
     model = make_mlp(seed=seed, dtype=dtype)
-    return _maml("sinusoid_maml", peer, model, data, lr, steps, first_order, F.mse_loss)
+    return _maml("sinusoid_maml", peer, model, data, lr, steps, first_order, F.mse_loss, strategy)
 
 
 def conv4_maml(
@@ -405,11 +465,39 @@ def conv4_maml(
     lr: float = 0.4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    strategy: str = "auto",
 ) -> MetaStep:
-    """(b) 28x28 grayscale 5-way 1-shot, conv4 + linear head, MAML, cross-entropy."""
+    """(b) 28x28 grayscale 5-way 1-shot, conv4 + linear head, MAML, cross-entropy.
+
+    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
+    """
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     model = make_conv4(n_way, seed=seed, dtype=dtype)
-    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy)
+    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, strategy)
+
+
+def _protonet_model(
+    peer: str, encoder: nn.Module
+) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """``(module, logits)`` of a ProtoNet peer: ``logits(sx, sy, qx)`` gives ``[T, Q, N]``
+    negative plain Euclidean distances of each query to its task's class means."""
+    if peer == "easyfsl":
+        methods = _import_peer("easyfsl", "easyfsl.methods")
+        model = methods.PrototypicalNetworks(encoder)
+
+        def logits_easyfsl(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+            out = []
+            for t in range(sx.shape[0]):
+                model.process_support_set(sx[t], sy[t])
+                out.append(model(qx[t]))
+            return torch.stack(out)
+
+        return model, logits_easyfsl
+    if peer == "pymeta":
+        pymeta = _import_peer("pymeta", "pymeta")
+        proto = pymeta.ProtoNet(encoder, metric="euclidean")
+        return proto, proto.episode
+    raise _unknown("conv4_protonet", peer)
 
 
 def conv4_protonet(
@@ -421,6 +509,8 @@ def conv4_protonet(
     queries_per_class: int = 15,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    batch_norm: bool = True,
+    strategy: str = "auto",
 ) -> MetaStep:
     """(c) ProtoNet on the conv4 encoder (no head), same episodes as :func:`conv4_maml`.
 
@@ -428,16 +518,30 @@ def conv4_protonet(
     scores are *negative plain Euclidean* distances (``-torch.cdist``), one task at a time,
     ``(cross_entropy / T).backward()`` per task. The encoder runs separately on support and
     query images (BatchNorm statistics per call), as easyfsl does.
+
+    pymeta: ``ProtoNet(encoder, metric="euclidean")``, one ``episode`` over all tasks, the
+    mean cross-entropy, one ``backward()``. Its encoder sees each task's support and query
+    images in *one* batch (``torch.cat``, BatchNorm statistics over both), so with BatchNorm
+    its logits differ from easyfsl's; ``batch_norm=False`` (``nn.Identity`` in its place)
+    removes that difference. ``strategy`` is ignored: pymeta's ProtoNet has no choice
+    (it embeds with ``vmap``, shared weights).
     """
+    del strategy
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
-    encoder = make_conv4(None, seed=seed, dtype=dtype)
-    if peer != "easyfsl":
-        raise _unknown("conv4_protonet", peer)
-    methods = _import_peer("easyfsl", "easyfsl.methods")
-    model = methods.PrototypicalNetworks(encoder)
+    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
+    model, logits = _protonet_model(peer, encoder)
     params = list(model.parameters())
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
+
+    if peer == "pymeta":
+        qy_flat = qy.flatten(0, 1)
+
+        def step_pymeta() -> None:
+            _zero_grads(params)
+            F.cross_entropy(logits(sx, sy, qx).flatten(0, 1), qy_flat).backward()
+
+        return MetaStep(step_pymeta, params, lambda: "vmap (ProtoNet: fixed)")
 
     def step() -> None:
         _zero_grads(params)
@@ -447,6 +551,26 @@ def conv4_protonet(
             (F.cross_entropy(scores, qy[t]) / num_tasks).backward()
 
     return MetaStep(step, params)
+
+
+def protonet_logits(
+    peer: str,
+    *,
+    tasks: int = 32,
+    n_way: int = 5,
+    k_shot: int = 1,
+    queries_per_class: int = 15,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    batch_norm: bool = True,
+) -> Tensor:
+    """The ``[T, Q, N]`` logits (no gradient) of ``peer``'s ProtoNet on the episodes and
+    encoder of :func:`conv4_protonet` with the same arguments."""
+    data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
+    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
+    _, logits = _protonet_model(peer, encoder)
+    with torch.no_grad():
+        return logits(data.support_x, data.support_y, data.query_x)
 
 
 def sinusoid_metasgd(
@@ -460,16 +584,21 @@ def sinusoid_metasgd(
     lr: float = 0.01,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    strategy: str = "auto",
 ) -> MetaStep:
     """(d) Meta-SGD on the sinusoid workload: per-element learnable inner lrs (init ``lr``).
 
     ``params`` are the model's parameters followed by the lrs (learn2learn's order).
+    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
     """
     data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype)
     model = make_mlp(seed=seed, dtype=dtype)
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
     loss_fn = F.mse_loss
+
+    if peer == "pymeta":
+        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy, metasgd=True)
 
     if peer == "learn2learn":
         l2l = _import_peer("learn2learn", "learn2learn")
@@ -532,13 +661,29 @@ class Workload:
     description: str
 
     def build(self, peer: str, **overrides: Any) -> MetaStep:
-        """Build this workload's meta-step for ``peer`` (raises PeerUnavailable)."""
-        if peer not in self.peers:
+        """Build this workload's meta-step for ``peer`` (raises PeerUnavailable).
+
+        ``peer`` may carry a pymeta strategy, ``"pymeta[vmap]"`` / ``"pymeta[loop]"``
+        (:func:`parse_peer`); plain ``"pymeta"`` uses ``"auto"``.
+        """
+        base, extra = parse_peer(peer)
+        if base not in self.peers:
             raise _unknown(self.name, peer)
-        return self.builder(peer, **{**self.kwargs, **overrides})
+        return self.builder(base, **{**self.kwargs, **extra, **overrides})
 
 
-_MAML_PEERS = ("learn2learn", "higher", "torch.func")
+def parse_peer(name: str) -> tuple[str, dict[str, Any]]:
+    """Split a peer name with a pymeta strategy: ``"pymeta[loop]"`` ->
+    ``("pymeta", {"strategy": "loop"})``; other names -> ``(name, {})``."""
+    if name.endswith("]") and "[" in name:
+        base, strategy = name[:-1].split("[", 1)
+        if base != "pymeta":
+            raise PeerUnavailable(name, "only pymeta takes a [strategy] suffix")
+        return base, {"strategy": strategy}
+    return name, {}
+
+
+_MAML_PEERS = ("pymeta", "learn2learn", "higher", "torch.func")
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -551,7 +696,7 @@ WORKLOADS: dict[str, Workload] = {
                  "5-way 1-shot 28x28, 15 queries/class, conv4, 32 tasks, 2nd-order MAML"),
         Workload("conv4-maml-1st", conv4_maml, {"first_order": True}, _MAML_PEERS,
                  "5-way 1-shot 28x28, 15 queries/class, conv4, 32 tasks, 1st-order MAML"),
-        Workload("conv4-protonet", conv4_protonet, {}, ("easyfsl",),
+        Workload("conv4-protonet", conv4_protonet, {}, ("pymeta", "easyfsl"),
                  "5-way 1-shot 28x28, 15 queries/class, conv4 encoder, 32 tasks, ProtoNet"),
         Workload("sinusoid-metasgd-1step", sinusoid_metasgd, {"steps": 1}, _MAML_PEERS,
                  "sinusoid MLP 1-40-40-1, 25 tasks, 10+10 shots, Meta-SGD, 1 step"),
@@ -560,179 +705,7 @@ WORKLOADS: dict[str, Workload] = {
     ]
 }  # fmt: skip
 
-PEERS: tuple[str, ...] = ("learn2learn", "higher", "torch.func", "easyfsl")
-
-
-# --------------------------------------------------------------------------------------
-# Hardware-independent measurements
-# --------------------------------------------------------------------------------------
-
-
-class OpCount(NamedTuple):
-    """Dispatched ATen ops of one call: all, non-view (a floor on kernel launches), per op."""
-
-    total: int
-    non_view: int
-    by_op: Counter[str]
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts every op reaching the Python dispatch key, and how many are views."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.by_op: Counter[str] = Counter()
-        self.views = 0
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        self.by_op[str(func.overloadpacket.__name__)] += 1
-        if func.is_view:
-            self.views += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_aten_ops(fn: Callable[[], Any]) -> OpCount:
-    """Count the ATen ops dispatched by one call of ``fn`` (forward *and* backward).
-
-    A ``TorchDispatchMode`` sees every op that reaches the Python dispatch key: after
-    autograd, after composite-implicit decompositions and after vmap's batching rules, i.e.
-    the ops that actually run kernels (plus views and other metadata-only ops, reported
-    separately via ``OpCount.non_view``).
-    """
-    counter = _OpCounter()
-    with counter:
-        fn()
-    total = sum(counter.by_op.values())
-    return OpCount(total, total - counter.views, counter.by_op)
-
-
-class _LiveStorageTracker(TorchDispatchMode):
-    """Tracks bytes of tensor storages created by dispatched ops and still alive.
-
-    A storage is new when it is an op output's storage that is not the storage of one of
-    that op's tensor inputs (which rules out views and in-place/out= results) and is not
-    already tracked. Its death is observed with ``weakref.finalize`` on the ``UntypedStorage``
-    Python object, which PyTorch keeps alive exactly as long as the C++ storage
-    (PyObject preservation), whatever views of it exist.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._tracked: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        """Finalizer of a tracked storage: it has been released."""
-        self._tracked.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, Tensor):
-                continue
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # sparse, some wrapper subclasses
-                continue
-            key = storage._cdata
-            if key in self._tracked or key in inputs:
-                continue
-            nbytes = storage.nbytes()
-            self._tracked.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def _storage_key(t: Tensor) -> int | None:
-    """Identity of a tensor's storage (its StorageImpl address), or None if it has none."""
-    try:
-        return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes of tensor storage allocated by one call of ``fn`` and alive at once.
-
-    Counts every storage created by an ATen op during the call (activations, saved tensors,
-    gradients, the ``.grad`` fields it leaves behind) from its creation until it is freed;
-    tensors that existed before the call (parameters, data) are the baseline and are not
-    counted. Method: a ``TorchDispatchMode`` (see ``_LiveStorageTracker``) -- exact for
-    tensor memory and deterministic, unlike allocator-level CPU readings. It does not see
-    scratch buffers allocated *inside* a kernel (e.g. convolution workspaces), which no
-    tensor owns. ``torch.profiler(profile_memory=True)`` was rejected: on CPU it attributes
-    allocations to op events and frees to ``[memory]`` events, so reconstructing a timeline
-    needs its private ``_memory_profile`` API.
-    """
-    tracker = _LiveStorageTracker()
-    with tracker:
-        fn()
-    return tracker.peak
-
-
-def _conv_backward_flop(
-    grad_out_shape: list[int],
-    x_shape: list[int],
-    w_shape: list[int],
-    _bias: Any,
-    _stride: Any,
-    _padding: Any,
-    _dilation: Any,
-    transposed: bool,
-    _output_padding: Any,
-    groups: int,
-    output_mask: list[bool],
-    out_shape: Any = None,
-    **_: Any,
-) -> int:
-    """``aten.convolution_backward`` FLOPs, correct for grouped convolutions.
-
-    ``FlopCounterMode``'s own formula (torch 2.13 and 2.14) ignores ``groups`` in the
-    grad-weight term and so over-counts it ``groups``-fold. vmap over per-task conv
-    weights runs grouped convolutions with ``groups = T``: uncorrected, the torch.func
-    conv4 meta-step reads 10x the FLOPs of the per-task loops at T = 32.
-    """
-    from torch.utils.flop_counter import conv_flop_count
-
-    def t(shape: Sequence[int]) -> list[int]:
-        return [shape[1], shape[0], *shape[2:]]
-
-    count = 0
-    if output_mask[0]:
-        count += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
-    if output_mask[1]:
-        if transposed:
-            weight = conv_flop_count(t(grad_out_shape), t(x_shape), t(out_shape[1]))
-        else:
-            weight = conv_flop_count(t(x_shape), t(grad_out_shape), t(out_shape[1]))
-        count += weight // groups
-    return count
-
-
-def flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call of ``fn`` (forward and backward), counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv/attention ops only, by
-    design; elementwise ops count zero), with grouped-conv backward corrected
-    (:func:`_conv_backward_flop`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(
-        display=False,
-        custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
-    )
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
+PEERS: tuple[str, ...] = ("pymeta", "learn2learn", "higher", "torch.func", "easyfsl")
 
 
 # --------------------------------------------------------------------------------------
@@ -740,7 +713,7 @@ def flops(fn: Callable[[], Any]) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _flat_grad(params: Sequence[Tensor]) -> Tensor:
+def flat_grad(params: Sequence[Tensor]) -> Tensor:
     """All ``.grad`` fields concatenated (zeros where a gradient is missing)."""
     return torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
@@ -748,18 +721,22 @@ def _flat_grad(params: Sequence[Tensor]) -> Tensor:
 
 
 def _check_gradients(
-    workload: str, builder: Callable[[str], MetaStep], peers: Sequence[str], tol: float
+    workload: str, builder: Callable[..., MetaStep], peers: Sequence[str], tol: float
 ) -> None:
-    """Print each peer's meta-gradient difference to the first peer that runs."""
+    """Print each peer's meta-gradient difference to the first peer that runs.
+
+    A ``peer`` may be ``"pymeta[vmap]"`` / ``"pymeta[loop]"`` (:func:`parse_peer`).
+    """
     ref_name, ref = None, None
     for peer in peers:
         try:
-            ms = builder(peer)
+            base, extra = parse_peer(peer)
+            ms = builder(base, **extra)
         except PeerUnavailable as exc:
             print(f"  {workload:26s} {peer:12s} skipped: {exc.reason}")
             continue
         ms.step()
-        g = _flat_grad(ms.params)
+        g = flat_grad(ms.params)
         if ref is None:
             ref_name, ref = peer, g
             print(f"  {workload:26s} {peer:12s} reference, |g|max = {g.abs().max():.4e}")
@@ -776,7 +753,7 @@ def _check_gradients(
 def main(argv: Sequence[str] | None = None) -> None:
     """Smoke check: peers' meta-gradients agree, every meta-step runs, one timing each.
 
-    Not the benchmark driver: one peer at a time, no pymeta, no CSV.
+    Not the benchmark driver (``bench_meta.py``): one peer at a time, no CSV.
     """
     import argparse
     import platform
@@ -804,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    for lib in ("learn2learn", "higher", "easyfsl"):
+    for lib in ("pymeta", "learn2learn", "higher", "easyfsl"):
         try:
             mod = _import_peer(lib, lib)
             print(f"  {lib} {getattr(mod, '__version__', '(no __version__)')}")
@@ -813,17 +790,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.no_grad_check:
         print("\nmeta-gradient agreement (float32 unless noted; rel = max abs / max |ref|):")
-        checks: list[tuple[str, Callable[[str], MetaStep], float]] = [
-            ("sinusoid-maml-1step", lambda p: sinusoid_maml(p, 1), 1e-5),
-            ("sinusoid-maml-5step", lambda p: sinusoid_maml(p, 5), 1e-4),
-            ("sinusoid-metasgd-1step", lambda p: sinusoid_metasgd(p, 1), 1e-5),
-            ("sinusoid-metasgd-5step", lambda p: sinusoid_metasgd(p, 5), 1e-4),
-            ("conv4-maml-1st", lambda p: conv4_maml(p, True), 1e-4),
+        checks: list[tuple[str, Callable[..., MetaStep], float]] = [
+            ("sinusoid-maml-1step", lambda p, **kw: sinusoid_maml(p, 1, **kw), 1e-5),
+            ("sinusoid-maml-5step", lambda p, **kw: sinusoid_maml(p, 5, **kw), 1e-4),
+            ("sinusoid-metasgd-1step", lambda p, **kw: sinusoid_metasgd(p, 1, **kw), 1e-5),
+            ("sinusoid-metasgd-5step", lambda p, **kw: sinusoid_metasgd(p, 5, **kw), 1e-4),
+            ("conv4-maml-1st", lambda p, **kw: conv4_maml(p, True, **kw), 1e-4),
             # torch.func is expected to DIFFER here (vmap + BatchNorm, functorch issue 534).
-            ("conv4-maml-2nd f64", lambda p: conv4_maml(p, False, dtype=torch.float64), 1e-10),
-        ]
+            ("conv4-maml-2nd f64",
+             lambda p, **kw: conv4_maml(p, False, dtype=torch.float64, **kw), 1e-10),
+        ]  # fmt: skip
+        # learn2learn first: it is the reference; pymeta with each concrete strategy.
+        peers = ("learn2learn", "higher", "torch.func", "pymeta[vmap]", "pymeta[loop]")
         for name, builder, tol in checks:
-            _check_gradients(name, builder, _MAML_PEERS, tol)
+            _check_gradients(name, builder, peers, tol)
 
     if args.no_timing:
         return

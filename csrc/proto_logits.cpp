@@ -52,25 +52,39 @@ struct Problem {
 };
 
 // Portable SIMD through GCC/Clang vector extensions: each ISA clone lowers them to its own
-// registers. 32-byte vectors (8 floats / 4 doubles), loaded unaligned via memcpy.
+// registers (one zmm, two ymm or four xmm for a 64-byte vector). The main loops use 64-byte
+// vectors; reductions fold them to 32 bytes (8 floats / 4 doubles) first.
 template <typename T>
 struct Simd;
 template <>
 struct Simd<float> {
+  typedef float wide __attribute__((vector_size(64)));
   typedef float type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
+  static constexpr int kLanes = 8;  // of `type`
 };
 template <>
 struct Simd<double> {
+  typedef double wide __attribute__((vector_size(64)));
   typedef double type __attribute__((vector_size(32)));
   static constexpr int kLanes = 4;
 };
 
-template <typename T>
-PYMETA_INLINE typename Simd<T>::type load(const T* p) {
-  typename Simd<T>::type v;
+template <typename V, typename T>
+PYMETA_INLINE V load(const T* p) {  // unaligned
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+// The sum of the two 32-byte halves of a 64-byte vector.
+template <typename T>
+PYMETA_INLINE typename Simd<T>::type fold(typename Simd<T>::wide v) {
+  if constexpr (Simd<T>::kLanes == 8) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  }
 }
 
 // out[g] = sum of the lanes of v[g], for 4 vectors at once: two rounds of pairwise
@@ -94,38 +108,39 @@ PYMETA_INLINE void sum_lanes4(const typename Simd<T>::type* v, T* out) {
   }
 }
 
+template <bool kDot, typename V>
+PYMETA_INLINE V term(V x, V y) {
+  if constexpr (kDot) {
+    return x * y;
+  } else {
+    return (x - y) * (x - y);
+  }
+}
+
 // Forward for G <= 4 prototypes (rows D apart from p) against the query row q:
-// out[g] = sum_d (q - p_g)^2, or q . p_g when kDot. Two accumulators per prototype
-// (2 x G independent FMA chains) over 2 vectors of D per step, then one joint reduction.
+// out[g] = sum_d (q - p_g)^2, or q . p_g when kDot. One 64-byte accumulator per prototype
+// (G independent FMA chains, each query vector loaded once per group), 32-byte steps for
+// the rest, then one joint reduction and a scalar tail.
 template <int G, bool kDot, typename T>
 PYMETA_INLINE void forward_group(const T* q, const T* p, int64_t D, T* out) {
   using V = typename Simd<T>::type;
+  using W = typename Simd<T>::wide;
   constexpr int L = Simd<T>::kLanes;
-  V acc[2][G] = {};
-  const auto step = [&](int u, int64_t d) {
-    const V x = load(q + d);
-    for (int g = 0; g < G; ++g) {
-      const V y = load(p + g * D + d);
-      if constexpr (kDot) {
-        acc[u][g] += x * y;
-      } else {
-        acc[u][g] += (x - y) * (x - y);
-      }
-    }
-  };
+  W wide[G] = {};
   int64_t d = 0;
   for (; d + 2 * L <= D; d += 2 * L) {
-    step(0, d);
-    step(1, d + L);
+    const W x = load<W>(q + d);
+    for (int g = 0; g < G; ++g) wide[g] += term<kDot>(x, load<W>(p + g * D + d));
   }
+  V acc[4] = {};
+  for (int g = 0; g < G; ++g) acc[g] = fold<T>(wide[g]);
   if (d + L <= D) {
-    step(0, d);
+    const V x = load<V>(q + d);
+    for (int g = 0; g < G; ++g) acc[g] += term<kDot>(x, load<V>(p + g * D + d));
     d += L;
   }
-  V sums[4] = {};
-  for (int g = 0; g < G; ++g) sums[g] = acc[0][g] + acc[1][g];
   T total[4];
-  sum_lanes4<T>(sums, total);
+  sum_lanes4<T>(acc, total);
   for (int g = 0; g < G; ++g) {
     for (int64_t e = d; e < D; ++e) {
       const T x = q[e], y = p[g * D + e];
@@ -143,6 +158,22 @@ PYMETA_INLINE void forward_row(const T* q, const T* p, int64_t N, int64_t D, T* 
   for (; n < N; ++n) forward_group<1, kDot>(q, p + n * D, D, out + n);
 }
 
+// Euclidean norms of rows [begin, end) of x (rows of length D).
+template <typename T>
+PYMETA_INLINE void row_norms(const T* x, int64_t D, int64_t begin, int64_t end, T* norms) {
+  for (int64_t r = begin; r < end; ++r) {
+    forward_group<1, true>(x + r * D, x + r * D, D, norms + r);
+    norms[r] = std::sqrt(norms[r]);
+  }
+}
+
+PYMETA_ISA_CLONES void row_norms_isa(const float* x, int64_t D, int64_t begin, int64_t end, float* norms) {
+  row_norms(x, D, begin, end, norms);
+}
+PYMETA_ISA_CLONES void row_norms_isa(const double* x, int64_t D, int64_t begin, int64_t end, double* norms) {
+  row_norms(x, D, begin, end, norms);
+}
+
 // Cosine: 1 / max(|x_r|, eps) for `rows` rows of length D; with `k`, also k_r = (1 / |x_r|)^2
 // where the norm is not clamped and 0 where it is (the clamp has zero slope there).
 template <typename T>
@@ -151,10 +182,9 @@ std::vector<T> inverse_norms(const T* x, int64_t rows, int64_t D, T eps, std::ve
   if (k != nullptr) k->resize(rows);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    row_norms_isa(x, D, b, e, inv.data());
     for (int64_t r = b; r < e; ++r) {
-      T sq;
-      forward_group<1, true>(x + r * D, x + r * D, D, &sq);
-      const T norm = std::sqrt(sq);
+      const T norm = inv[r];
       inv[r] = T(1) / std::max(norm, eps);
       if (k != nullptr) (*k)[r] = norm > eps ? inv[r] * inv[r] : T(0);
     }
@@ -193,43 +223,54 @@ PYMETA_ISA_CLONES void forward_rows_isa(const Problem<double>& a, double* out, c
 }
 
 // Gradient contributions of G prototypes (rows D apart from p, already offset to the
-// chunk) for one query row chunk of length len:
-//   Euclidean: e = w_g (q - p_g); gq += e; gp_g -= e   (w: weight per unit difference)
-//   cosine:    gq += w_g p_g;     gp_g += w_g q        (w = g rq rp_g)
-template <int G, bool kCos, typename T>
-PYMETA_INLINE void backward_group(const T* q, const T* p, int64_t D, int64_t len, const T* w, T* gq, T* gp) {
+// chunk) for R query rows q[r] (chunks of length len; weights w[r * N + g]):
+//   Euclidean: e = w_rg (q_r - p_g); gq_r += e; gp_g -= e   (w: weight per unit difference)
+//   cosine:    gq_r += w_rg p_g;     gp_g += w_rg q_r      (w = g rq rp_g)
+template <int R, int G, bool kCos, typename T>
+PYMETA_INLINE void backward_group(const T* const* q, const T* p, int64_t N, int64_t D, int64_t len, const T* w,
+                                  T* const* gq, T* gp) {
   const T* pg[G];
   T* gpg[G];
-  T wg[G];
+  T wg[R][G];
   for (int g = 0; g < G; ++g) {
     pg[g] = p + g * D;
     gpg[g] = gp + g * len;
-    wg[g] = w[g];
+    for (int r = 0; r < R; ++r) wg[r][g] = w[r * N + g];
   }
 #pragma omp simd
   for (int64_t d = 0; d < len; ++d) {
-    const T x = q[d];
-    T sum = 0;
+    T x[R], sum[R];
+    for (int r = 0; r < R; ++r) {
+      x[r] = q[r][d];
+      sum[r] = 0;
+    }
     for (int g = 0; g < G; ++g) {
       const T y = pg[g][d];
-      if constexpr (kCos) {
-        sum += wg[g] * y;
-        gpg[g][d] += wg[g] * x;
-      } else {
-        const T e = wg[g] * (x - y);
-        sum += e;
-        gpg[g][d] -= e;
+      T to_p = 0;
+      for (int r = 0; r < R; ++r) {
+        if constexpr (kCos) {
+          sum[r] += wg[r][g] * y;
+          to_p += wg[r][g] * x[r];
+        } else {
+          const T e = wg[r][g] * (x[r] - y);
+          sum[r] += e;
+          to_p -= e;
+        }
       }
+      gpg[g][d] += to_p;
     }
-    gq[d] += sum;
+    for (int r = 0; r < R; ++r) gq[r][d] += sum[r];
   }
 }
 
-template <bool kCos, typename T>
-PYMETA_INLINE void backward_row(const T* q, const T* p, int64_t N, int64_t D, int64_t len, const T* w, T* gq, T* gp) {
+template <int R, bool kCos, typename T>
+PYMETA_INLINE void backward_rows(const T* const* q, const T* p, int64_t N, int64_t D, int64_t len, const T* w,
+                                 T* const* gq, T* gp) {
   int64_t n = 0;
-  for (; n + kGroup <= N; n += kGroup) backward_group<kGroup, kCos>(q, p + n * D, D, len, w + n, gq, gp + n * len);
-  for (; n < N; ++n) backward_group<1, kCos>(q, p + n * D, D, len, w + n, gq, gp + n * len);
+  for (; n + kGroup <= N; n += kGroup) {
+    backward_group<R, kGroup, kCos>(q, p + n * D, N, D, len, w + n, gq, gp + n * len);
+  }
+  for (; n < N; ++n) backward_group<R, 1, kCos>(q, p + n * D, N, D, len, w + n, gq, gp + n * len);
 }
 
 template <typename T>
@@ -244,41 +285,59 @@ struct Backward {
 };
 
 // Gradients for work items [begin, end), each a (task, D-chunk) pair. grad_q rows of the
-// chunk are written directly; grad_p of the chunk accumulates over the task's queries.
+// chunk are written directly, kRows query rows at a time (they share the prototype loads
+// and the grad_p accumulator traffic); grad_p of the chunk accumulates over the queries.
 template <typename T>
 PYMETA_INLINE void backward_items(const Problem<T>& a, const Backward<T>& b, int64_t begin, int64_t end) {
+  constexpr int kRows = 4;
   const int64_t Q = a.Q, N = a.N, D = a.D;
   const bool cosine = a.metric == kCosine;
-  std::vector<T> w(N), col(N), gp_acc(N * std::min(D, kChunk));
+  std::vector<T> w(kRows * N), col(N), gp_acc(N * std::min(D, kChunk));
   for (int64_t item = begin; item < end; ++item) {
     const int64_t t = item / b.chunks, d0 = (item % b.chunks) * kChunk, len = std::min(kChunk, D - d0);
     const T* pt = a.p + t * N * D + d0;
     std::fill_n(gp_acc.begin(), N * len, T(0));
     std::fill(col.begin(), col.end(), T(0));
-    for (int64_t qi = 0; qi < Q; ++qi) {
-      const int64_t r = t * Q + qi;
-      const T* qr = a.q + r * D + d0;
-      T self = 0;  // cosine: coefficient of q itself in grad_q
-      for (int64_t n = 0; n < N; ++n) {
-        const T gn = b.g[r * N + n], on = b.o[r * N + n];
-        if (cosine) {
-          // grad_q = rq sum_n g rp_n p_n - (sum_n g out) kq q
-          // grad_p_n = rp_n sum_q g rq q - (sum_q g out) kp_n p_n
-          w[n] = gn * b.q_inv[r] * b.p_inv[t * N + n];
-          self -= gn * on * b.q_k[r];
-          col[n] += gn * on;
-        } else {
-          // d(out)/dq per unit difference: -2 (sqeuclidean), 1 / out (euclidean, out = -|q - p|;
-          // 0 at distance 0, where the gradient is taken to be 0).
-          w[n] = a.metric == kSqEuclidean ? T(-2) * gn : (on < 0 ? gn / on : T(0));
+    for (int64_t q0 = 0; q0 < Q; q0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, Q - q0));
+      const T* qr[kRows];
+      T* gqr[kRows];
+      for (int i = 0; i < rows; ++i) {
+        const int64_t r = t * Q + q0 + i;
+        T* wr = w.data() + i * N;
+        T self = 0;  // cosine: coefficient of q itself in grad_q
+        for (int64_t n = 0; n < N; ++n) {
+          const T gn = b.g[r * N + n], on = b.o[r * N + n];
+          if (cosine) {
+            // grad_q = rq sum_n g rp_n p_n - (sum_n g out) kq q
+            // grad_p_n = rp_n sum_q g rq q - (sum_q g out) kp_n p_n
+            wr[n] = gn * b.q_inv[r] * b.p_inv[t * N + n];
+            self -= gn * on * b.q_k[r];
+            col[n] += gn * on;
+          } else {
+            // d(out)/dq per unit difference: -2 (sqeuclidean), 1 / out (euclidean, out = -|q - p|;
+            // 0 at distance 0, where the gradient is taken to be 0).
+            wr[n] = a.metric == kSqEuclidean ? T(-2) * gn : (on < 0 ? gn / on : T(0));
+          }
         }
+        qr[i] = a.q + r * D + d0;
+        gqr[i] = b.gq + r * D + d0;
+        for (int64_t d = 0; d < len; ++d) gqr[i][d] = self * qr[i][d];
       }
-      T* gqr = b.gq + r * D + d0;
-      for (int64_t d = 0; d < len; ++d) gqr[d] = self * qr[d];
-      if (cosine) {
-        backward_row<true>(qr, pt, N, D, len, w.data(), gqr, gp_acc.data());
-      } else {
-        backward_row<false>(qr, pt, N, D, len, w.data(), gqr, gp_acc.data());
+      if (rows == kRows) {
+        if (cosine) {
+          backward_rows<kRows, true>(qr, pt, N, D, len, w.data(), gqr, gp_acc.data());
+        } else {
+          backward_rows<kRows, false>(qr, pt, N, D, len, w.data(), gqr, gp_acc.data());
+        }
+      } else {  // the last Q % kRows rows, one at a time
+        for (int i = 0; i < rows; ++i) {
+          if (cosine) {
+            backward_rows<1, true>(qr + i, pt, N, D, len, w.data() + i * N, gqr + i, gp_acc.data());
+          } else {
+            backward_rows<1, false>(qr + i, pt, N, D, len, w.data() + i * N, gqr + i, gp_acc.data());
+          }
+        }
       }
     }
     for (int64_t n = 0; n < N; ++n) {

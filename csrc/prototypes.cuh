@@ -48,7 +48,7 @@ namespace prototypes_cuda {
 constexpr int kThreads = 256;
 
 // Class counts [T, N] (int32): one thread per (task, class), scanning the task's labels.
-__global__ void class_counts_kernel(const int64_t* __restrict__ labels, int* __restrict__ counts, int64_t T,
+static __global__ void class_counts_kernel(const int64_t* __restrict__ labels, int* __restrict__ counts, int64_t T,
                                     int64_t S, int64_t N) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= T * N) return;

@@ -1,0 +1,702 @@
+"""End-to-end meta-step benchmark: pymeta against the meta-learners people use today.
+
+For every workload of ``peers.py`` and every library (pymeta, learn2learn, higher,
+torch.func, easyfsl) one *meta-step* is: the inner loop on all T tasks, the mean query
+loss over tasks, ``backward()`` -- leaving the meta-gradient in ``.grad``, no optimizer
+step. All libraries get the same data, initial weights and hyperparameters.
+
+Measured per workload and library:
+
+* tasks/second: T / median meta-step time. Libraries are timed interleaved, round after
+  round (the order rotates every round), so machine noise hits all alike; each round
+  takes ``Timer.blocked_autorange`` for steps shorter than ``--min-run-time``, else one
+  timed call (``Timer.timeit(1)``: blocked_autorange would spend an extra call sizing
+  its blocks). Speed-ups are medians of the per-round ratios (paired, noise cancels).
+* dispatched ATen ops per meta-step (``TorchDispatchMode``; a custom op such as
+  ``pymeta::inner_sgd`` counts as one), peak tensor memory of one meta-step, FLOPs
+  (``FlopCounterMode``, matmul/conv only) and the achieved fraction of this machine's fp32
+  matmul peak (a large ``torch.mm`` timed in the same run).
+* correctness: every library's meta-gradient against learn2learn's (float32; for
+  conv4 second order also float64, with pymeta's ``vmap`` and ``loop`` strategies, where
+  torch.func is known to be wrong through BatchNorm), and ProtoNet logits against
+  easyfsl's.
+
+pymeta runs with ``strategy="auto"``: it times its candidates on the first calls, which
+happen during warm-up here; the strategy it settled on is reported. A library that
+cannot run is reported as ``skipped: <reason>``, never with a number.
+
+Output: a CSV (``benchmarks/results/meta.csv``), a bar chart of tasks/s per workload and
+library (log scale, ``benchmarks/results/meta.png``), the goal lines of the issue
+(measured ratio vs goal), and the table, printed last.
+
+    python benchmarks/bench_meta.py [--workloads a b conv4-protonet ...] [--repeats N]
+        [--threads N] [--quick] [--tasks T] [--out-dir DIR]
+    pymeta bench meta [same arguments]
+
+Peers need their own venv (``benchmarks/README.md``); with any other Python they are
+reported as skipped and pymeta and torch.func still run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `pymeta bench meta` runs this file with runpy, which does not put its folder on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from measure import RESULTS, StepMeasures, flops, matmul_peak_flops, measure_all, write_csv
+from peers import (
+    WORKLOADS,
+    MetaStep,
+    PeerUnavailable,
+    Workload,
+    flat_grad,
+    parse_peer,
+    protonet_logits,
+)
+from torch import Tensor
+from torch.utils.benchmark import Timer
+
+LIBRARIES = ("pymeta", "learn2learn", "higher", "torch.func", "easyfsl")
+
+# The issue's workload groups: (a) sinusoid MAML, (b) conv4 MAML, (c) ProtoNet, (d) Meta-SGD.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "a": ("sinusoid-maml-1step", "sinusoid-maml-5step"),
+    "b": ("conv4-maml-2nd", "conv4-maml-1st"),
+    "c": ("conv4-protonet",),
+    "d": ("sinusoid-metasgd-1step", "sinusoid-metasgd-5step"),
+}
+GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+
+# float32 meta-gradient agreement with the reference (relative to its largest entry).
+GRAD_TOL = {
+    "sinusoid-maml-1step": 1e-5,
+    "sinusoid-maml-5step": 1e-4,
+    "sinusoid-metasgd-1step": 1e-5,
+    "sinusoid-metasgd-5step": 1e-4,
+    "conv4-maml-2nd": 1e-4,
+    "conv4-maml-1st": 1e-4,
+    "conv4-protonet": 1e-4,
+}
+F64_TOL = 1e-10
+LOGITS_TOL = 1e-5  # "equal to float32 rounding", relative to the largest |logit|
+
+
+@dataclass
+class Entry:
+    """One library on one workload: its meta-step and everything measured about it."""
+
+    workload: str
+    library: str
+    tasks: int
+    status: str = "ok"  # "ok", "skipped: <reason>" or "failed: <error>"
+    meta: MetaStep | None = None
+    strategy: str = ""
+    warmup_calls: int = 0
+    estimate: float = 0.0  # seconds per step, from warm-up
+    times: list[float] = field(default_factory=list)  # one per round (None-free)
+    rounds: list[int] = field(default_factory=list)  # the round of each time
+    measures: StepMeasures | None = None
+    grad: Tensor | None = None
+    grad_check: str = ""
+    grad_rel: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether this entry ran (so far) without being skipped or failing."""
+        return self.status == "ok"
+
+    def fail(self, exc: BaseException) -> None:
+        """Record an error: the entry is reported as failed, with the error, not timed."""
+        self.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        self.meta = None
+        print(f"  {self.workload} / {self.library}: {self.status}", flush=True)
+        traceback.print_exc(limit=3)
+
+    @property
+    def median(self) -> float:
+        """Median seconds per meta-step over the timed rounds."""
+        return statistics.median(self.times)
+
+    @property
+    def tasks_per_s(self) -> float:
+        """Tasks per second: T / median meta-step time."""
+        return self.tasks / self.median
+
+
+# --------------------------------------------------------------------------------------
+# Steps: build, warm up, check, time, measure
+# --------------------------------------------------------------------------------------
+
+
+def build(workload: Workload, library: str, overrides: dict[str, Any]) -> Entry:
+    """Build ``library``'s meta-step of ``workload``; a missing peer gives a skipped entry."""
+    entry = Entry(workload.name, library, overrides.get("tasks", _default_tasks(workload)))
+    try:
+        entry.meta = workload.build(library, **overrides)
+    except PeerUnavailable as exc:
+        entry.status = f"skipped: {exc.reason}"
+    except Exception as exc:  # a library that breaks is reported, never timed
+        entry.fail(exc)
+    return entry
+
+
+def _default_tasks(workload: Workload) -> int:
+    """T of a workload when not overridden (the builder's default)."""
+    import inspect
+
+    return int(inspect.signature(workload.builder).parameters["tasks"].default)
+
+
+def prepare(entry: Entry, warmup: int, self_check: bool = False, max_calls: int = 30) -> None:
+    """Warm up, measure and snapshot the gradient of ``entry`` before it is timed.
+
+    1. ``warmup`` plain meta-steps; pymeta ``"auto"`` takes as many as it needs to settle
+       on a strategy (it times its candidates on these calls).
+    2. One call counting ATen ops and peak memory, one counting FLOPs
+       (:func:`measure.measure_all`): these also warm up, and the faster of the two is an
+       upper bound of the step time, which picks how rounds are timed (:func:`time_round`).
+    3. The meta-gradient left by the last call, for the gradient check.
+    """
+    assert entry.meta is not None
+    meta = entry.meta
+    calls = 0
+    try:
+        for _ in range(warmup):
+            meta.step()
+            calls += 1
+        if meta.strategy is not None:
+            while meta.strategy() is None and calls < max_calls:
+                meta.step()
+                calls += 1
+            if meta.strategy() is None:
+                raise RuntimeError(f"pymeta chose no strategy in {max_calls} calls")
+            entry.strategy = str(meta.strategy())
+        start = time.perf_counter()
+        entry.measures = measure_all(meta.step, with_flops=False)
+        mid = time.perf_counter()
+        flop = flops(meta.step)
+        end = time.perf_counter()
+        entry.measures = entry.measures._replace(flops=flop)
+        if self_check:
+            _self_check(meta.step, entry.measures)
+    except Exception as exc:
+        entry.fail(exc)
+        return
+    entry.warmup_calls = calls + 2
+    entry.estimate = min(mid - start, end - mid)
+    entry.grad = flat_grad(meta.params).detach().clone()
+
+
+def time_round(entry: Entry, min_run_time: float, threads: int) -> float:
+    """One timing of a meta-step: blocked_autorange's median for fast steps, else one call."""
+    assert entry.meta is not None
+    timer = Timer("step()", globals={"step": entry.meta.step}, num_threads=threads)
+    if entry.estimate >= min_run_time:
+        return timer.timeit(1).median
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def check_gradients(entries: list[Entry], reference: Entry | None) -> None:
+    """Compare each entry's float32 meta-gradient (from its last warm-up call) with the
+    reference library's; fills ``grad_check``."""
+    if reference is None or reference.grad is None:
+        for e in entries:
+            if e.ok:
+                e.grad_check = "no reference"
+        return
+    tol = GRAD_TOL[reference.workload]
+    print(f"  meta-gradients (float32) vs {reference.library}, tolerance {tol:g} relative:")
+    for e in entries:
+        if not e.ok or e.grad is None:
+            continue
+        if e is reference:
+            e.grad_check = "reference"
+            continue
+        if e.grad.shape != reference.grad.shape:
+            e.grad_check = f"shape {tuple(e.grad.shape)} != {tuple(reference.grad.shape)}"
+            print(f"    {e.library:12s} {e.grad_check}")
+            continue
+        err = (e.grad - reference.grad).abs().max().item()
+        e.grad_rel = err / max(reference.grad.abs().max().item(), 1e-300)
+        verdict = "ok" if e.grad_rel <= tol else "DIFFERS"
+        e.grad_check = f"{e.grad_rel:.1e} {verdict}"
+        print(f"    {e.library:12s} max abs {err:.3e}, rel {e.grad_rel:.3e}  [{verdict}]")
+
+
+def check_float64(workload: Workload, tasks: int) -> list[str]:
+    """Float64 meta-gradients of learn2learn, higher, torch.func and pymeta (both concrete
+    strategies) on ``workload`` with ``tasks`` tasks; lines to print."""
+    libs = ("learn2learn", "higher", "torch.func", "pymeta[vmap]", "pymeta[loop]")
+    lines = [f"  float64 meta-gradients, {tasks} tasks, vs learn2learn, tolerance {F64_TOL:g}:"]
+    ref: Tensor | None = None
+    for lib in libs:
+        try:
+            meta = workload.build(lib, dtype=torch.float64, tasks=tasks)
+            meta.step()
+        except PeerUnavailable as exc:
+            lines.append(f"    {lib:12s} skipped: {exc.reason}")
+            continue
+        except Exception as exc:
+            lines.append(f"    {lib:12s} failed: {type(exc).__name__}: {exc}")
+            continue
+        g = flat_grad(meta.params)
+        if ref is None:
+            if lib != "learn2learn":
+                lines.append("    (learn2learn unavailable: no reference)")
+                break
+            ref = g
+            lines.append(f"    {lib:12s} reference, max |g| = {g.abs().max().item():.4e}")
+            continue
+        err = (g - ref).abs().max().item()
+        rel = err / ref.abs().max().item()
+        verdict = "ok" if rel <= F64_TOL else "DIFFERS"
+        note = "  (expected: vmap + BatchNorm, functorch#534)" if lib == "torch.func" else ""
+        lines.append(f"    {lib:12s} max abs {err:.3e}, rel {rel:.3e}  [{verdict}]{note}")
+    return lines
+
+
+def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
+    """pymeta ``ProtoNet(metric="euclidean")`` logits vs easyfsl's, with the workload's
+    BatchNorm encoder and with BatchNorm replaced by identity; lines and max abs diffs."""
+    lines = ["  ProtoNet logits, pymeta (metric='euclidean') vs easyfsl:"]
+    diffs: dict[str, float] = {}
+    for label, batch_norm in (("conv4 with BatchNorm", True), ("conv4, BatchNorm->Identity", False)):
+        try:
+            ours = protonet_logits("pymeta", tasks=tasks, batch_norm=batch_norm)
+            theirs = protonet_logits("easyfsl", tasks=tasks, batch_norm=batch_norm)
+        except PeerUnavailable as exc:
+            lines.append(f"    {label}: skipped: {exc.reason}")
+            continue
+        err = (ours - theirs).abs().max().item()
+        rel = err / theirs.abs().max().item()
+        diffs[label] = err
+        verdict = "equal to rounding" if rel <= LOGITS_TOL else "DIFFER"
+        lines.append(f"    {label:27s} max abs diff {err:.3e} (rel {rel:.3e}, "
+                     f"max |logit| {theirs.abs().max().item():.3g})  [{verdict}]")  # fmt: skip
+    if len(diffs) == 2:
+        with_bn, without = diffs.values()
+        if without <= LOGITS_TOL * 100 < with_bn:
+            lines.append(
+                "    -> the distance head agrees; the difference is BatchNorm batching: pymeta's "
+                "ProtoNet embeds support+query in one batch (pymeta/algorithms/protonet.py, "
+                "torch.cat before embed), easyfsl embeds them in separate calls"
+            )
+    return lines, diffs
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+
+def paired_ratio(num: Entry, den: Entry) -> float | None:
+    """Median over rounds of ``den_time / num_time``: how many times faster ``num`` is."""
+    if not (num.ok and den.ok and num.times and den.times):
+        return None
+    a = dict(zip(num.rounds, num.times, strict=True))
+    b = dict(zip(den.rounds, den.times, strict=True))
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return statistics.median(b[r] / a[r] for r in common)
+
+
+def baseline_name(workload: str) -> str:
+    """The library each workload's speed-ups are relative to."""
+    return "easyfsl" if workload == "conv4-protonet" else "learn2learn"
+
+
+def rows_for_csv(entries: list[Entry], peak: float, threads: int) -> list[dict[str, Any]]:
+    """One CSV row per (workload, library)."""
+    by_key = {(e.workload, e.library): e for e in entries}
+    rows = []
+    for e in entries:
+        base = by_key.get((e.workload, baseline_name(e.workload)))
+        tfunc = by_key.get((e.workload, "torch.func"))
+        m = e.measures
+        timed = e.ok and bool(e.times)
+        row: dict[str, Any] = {
+            "workload": e.workload,
+            "group": GROUP_OF.get(e.workload, ""),
+            "library": e.library,
+            "status": e.status,
+            "strategy": e.strategy,
+            "tasks": e.tasks,
+            "threads": threads,
+            "rounds": len(e.times),
+            "tasks_per_s": f"{e.tasks_per_s:.6g}" if timed else "",
+            "ms_per_step_median": f"{1e3 * e.median:.6g}" if timed else "",
+            "ms_per_step_min": f"{1e3 * min(e.times):.6g}" if timed else "",
+            "ms_per_step_max": f"{1e3 * max(e.times):.6g}" if timed else "",
+            "baseline": baseline_name(e.workload),
+            "speedup_vs_baseline": _fmt(paired_ratio(e, base) if base else None),
+            "speedup_vs_torch_func": _fmt(paired_ratio(e, tfunc) if tfunc else None),
+            "aten_ops": m.ops.total if m else "",
+            "aten_ops_non_view": m.ops.non_view if m else "",
+            "custom_ops": sum(n for k, n in m.ops.by_op.items() if "::" in k) if m else "",
+            "peak_mib": f"{m.peak_bytes / 2**20:.4g}" if m else "",
+            "mflop": f"{m.flops / 1e6:.6g}" if m else "",
+            "fraction_of_matmul_peak": (
+                f"{m.flops / e.median / peak:.4g}" if m and timed and m.flops else ""
+            ),
+            "grad_check": e.grad_check,
+            "warmup_calls": e.warmup_calls,
+            "times_ms": ";".join(f"{1e3 * t:.4g}" for t in e.times),
+        }
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def print_table(entries: list[Entry], peak: float, threads: int) -> None:
+    """The results table (printed last)."""
+    by_key = {(e.workload, e.library): e for e in entries}
+    head = (f"{'workload':23s} {'library':12s} {'strategy':10s} {'tasks/s':>10s} {'ms/step':>9s} "
+            f"{'x base':>7s} {'ATen ops':>9s} {'non-view':>9s} {'peak MiB':>9s} {'MFLOP':>9s} "
+            f"{'%peak':>6s}  grad check")  # fmt: skip
+    print(f"\nmeta-step per library: median over {max((len(e.times) for e in entries), default=0)} "
+          f"interleaved rounds, {threads} thread(s); x base = speed-up over learn2learn "
+          f"(easyfsl for conv4-protonet), median of per-round ratios; %peak = achieved FLOP/s "
+          f"/ fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    last = None
+    for e in entries:
+        if last is not None and e.workload != last:
+            print()
+        last = e.workload
+        if not e.ok or not e.times:
+            status = e.status if not e.ok else "not timed"
+            print(f"{e.workload:23s} {e.library:12s} {status}")
+            continue
+        m = e.measures
+        base = by_key.get((e.workload, baseline_name(e.workload)))
+        ratio = paired_ratio(e, base) if base else None
+        pct = 100 * m.flops / e.median / peak if m and m.flops else None
+        print(
+            f"{e.workload:23s} {e.library:12s} {e.strategy or '-':10s} {e.tasks_per_s:10.1f} "
+            f"{1e3 * e.median:9.2f} {_fmt(ratio, '7.2f') or '-':>7s} "
+            f"{m.ops.total if m else '-':>9} {m.ops.non_view if m else '-':>9} "
+            f"{(f'{m.peak_bytes / 2**20:.2f}' if m else '-'):>9s} "
+            f"{(f'{m.flops / 1e6:.1f}' if m else '-'):>9s} {_fmt(pct, '6.2f') or '-':>6s}  "
+            f"{e.grad_check}"
+        )
+
+
+def goal_lines(entries: list[Entry], logit_diffs: dict[str, float]) -> list[str]:
+    """The issue's targets: measured ratio vs goal, per workload."""
+    by_key = {(e.workload, e.library): e for e in entries}
+    workloads = list(dict.fromkeys(e.workload for e in entries))
+    lines = []
+
+    def verdict(value: float | None, goal: float, at_least: bool) -> str:
+        if value is None:
+            return "n/a"
+        return "MET" if (value >= goal if at_least else value <= goal) else "MISSED"
+
+    def speed(w: str, peer: str, goal: float) -> str:
+        ours, theirs = by_key.get((w, "pymeta")), by_key.get((w, peer))
+        if ours is None or theirs is None:
+            return f"tasks/s pymeta / {peer}: n/a (not run)"
+        if not (ours.ok and theirs.ok):
+            why = theirs.status if not theirs.ok else ours.status
+            return f"tasks/s pymeta / {peer}: n/a ({why})"
+        r = paired_ratio(ours, theirs)
+        return f"tasks/s pymeta / {peer} = {r:.2f}x (goal >= {goal:g}x) {verdict(r, goal, True)}"
+
+    def ops(w: str, peer: str, goal: float) -> str:
+        ours, theirs = by_key.get((w, "pymeta")), by_key.get((w, peer))
+        if not (ours and theirs and ours.measures and theirs.measures):
+            return f"ATen ops pymeta / {peer}: n/a"
+        r = ours.measures.ops.total / theirs.measures.ops.total
+        return (f"ATen ops pymeta / {peer} = {ours.measures.ops.total}/"
+                f"{theirs.measures.ops.total} = 1/{1 / r:.1f} (goal <= 1/{1 / goal:g}) "
+                f"{verdict(r, goal, False)}")  # fmt: skip
+
+    def memory(w: str, peer: str) -> str:
+        ours, theirs = by_key.get((w, "pymeta")), by_key.get((w, peer))
+        if not (ours and theirs and ours.measures and theirs.measures):
+            return f"peak memory pymeta / {peer}: n/a"
+        a, b = ours.measures.peak_bytes, theirs.measures.peak_bytes
+        return (f"peak memory pymeta / {peer} = {a / 2**20:.1f}/{b / 2**20:.1f} MiB = "
+                f"{a / b:.2f}x (goal <= 1x) {verdict(a / b, 1.0, False)}")  # fmt: skip
+
+    for w in workloads:
+        group = GROUP_OF.get(w)
+        if group in ("a", "d"):
+            parts = [speed(w, "learn2learn", 10), speed(w, "torch.func", 1.2),
+                     ops(w, "learn2learn", 1 / 20)]  # fmt: skip
+        elif group == "b":
+            parts = [speed(w, "learn2learn", 1.2), speed(w, "torch.func", 1.0),
+                     memory(w, "learn2learn")]  # fmt: skip
+        elif group == "c":
+            parts = [speed(w, "easyfsl", 1.0)]
+            for label, diff in logit_diffs.items():
+                parts.append(f"logits max |pymeta - easyfsl| ({label}) = {diff:.2e}")
+            if not logit_diffs:
+                parts.append("logits vs easyfsl: n/a (easyfsl unavailable)")
+        else:
+            continue
+        lines.append(f"({group}) {w}:")
+        lines += [f"      {p}" for p in parts]
+    return lines
+
+
+def plot(entries: list[Entry], path: Path, title: str) -> Path | None:
+    """Grouped bar chart of tasks/s per workload and library, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"no plot: matplotlib unavailable ({exc})")
+        return None
+    workloads = list(dict.fromkeys(e.workload for e in entries))
+    libraries = list(dict.fromkeys(e.library for e in entries))
+    by_key = {(e.workload, e.library): e for e in entries}
+    width = 0.8 / max(len(libraries), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(workloads)), 5))
+    for j, lib in enumerate(libraries):
+        xs, ys = [], []
+        for i, w in enumerate(workloads):
+            e = by_key.get((w, lib))
+            if e is not None and e.ok and e.times:
+                xs.append(i + (j - (len(libraries) - 1) / 2) * width)
+                ys.append(e.tasks_per_s)
+        if xs:
+            ax.bar(xs, ys, width, label=lib)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, rotation=20, ha="right")
+    ax.set_ylabel("tasks / second (meta-step, log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+
+def resolve_workloads(names: Sequence[str]) -> list[str]:
+    """Workload names from names and group letters (a, b, c, d), in WORKLOADS order."""
+    wanted: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            wanted.update(GROUPS[name])
+        elif name in WORKLOADS:
+            wanted.add(name)
+        else:
+            raise SystemExit(
+                f"unknown workload {name!r}: choose from {sorted(GROUPS)} or {list(WORKLOADS)}"
+            )
+    return [w for w in WORKLOADS if w in wanted]
+
+
+def pymeta_backends() -> str:
+    """One line: which pymeta op backends run here (first line of each reason)."""
+    try:
+        from pymeta import ops
+
+        status = ops.backends()
+    except Exception as exc:
+        return f"pymeta unavailable: {type(exc).__name__}: {exc}"
+    return "; ".join(f"{k}: {str(v).splitlines()[0][:90]}" for k, v in status.items())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), metavar="NAME",
+                   help=f"workload names or groups a b c d (default: all): {', '.join(WORKLOADS)}")
+    p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), metavar="LIB",
+                   help="libraries (default: all); 'pymeta[vmap]' / 'pymeta[loop]' add pymeta "
+                        "with a fixed strategy, for diagnosis")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timing rounds (default 7; --quick: 2)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds per blocked_autorange measurement (default 0.3; --quick: 0.01)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="plain warm-up calls per library before its two measured calls "
+                        "(default 1); pymeta 'auto' takes as many as it needs to choose")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's default, here "
+                        f"{torch.get_num_threads()})")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="override T (tasks per meta-step) of every workload (e.g. a tiny smoke run)")
+    p.add_argument("--f64-tasks", type=int, default=4,
+                   help="tasks of the float64 conv4 second-order gradient check (default 4)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="skip the float64 and logits checks (the float32 gradient check stays)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: few repeats, short timings, small matmul for the peak")
+    p.add_argument("--self-check", action="store_true",
+                   help="also verify that measure_all's stacked counts equal separate ones")
+    p.add_argument("--out-dir", type=Path, default=RESULTS,
+                   help="where meta.csv and meta.png go (default: benchmarks/results)")
+    args = p.parse_args(argv)  # fmt: skip
+    q = args.quick
+    args.repeats = args.repeats if args.repeats is not None else (2 if q else 7)
+    args.min_run_time = args.min_run_time if args.min_run_time is not None else (0.01 if q else 0.3)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    workloads = resolve_workloads(args.workloads)
+    overrides: dict[str, Any] = {} if args.tasks is None else {"tasks": args.tasks}
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+
+    print(f"python {platform.python_version()} ({sys.executable}), torch {torch.__version__}, "
+          f"{threads} thread(s), {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
+    for lib in ("pymeta", "learn2learn", "higher", "easyfsl"):
+        try:
+            with _quiet_stderr():
+                mod = __import__(lib)
+            print(f"  {lib} {getattr(mod, '__version__', '')}".rstrip())
+        except Exception as exc:
+            print(f"  {lib}: unavailable ({type(exc).__name__}: {exc})")
+    with _quiet_stderr():
+        print(f"  pymeta op backends: {pymeta_backends()}")
+
+    n = 256 if args.quick else 2048
+    peak_before = matmul_peak_flops(n, min_run_time=0.1 if args.quick else 0.5,
+                                    rounds=1 if args.quick else 3)  # fmt: skip
+    print(f"fp32 matmul peak (torch.mm {n}x{n}, best of medians): {peak_before / 1e9:.1f} GFLOP/s")
+
+    entries: list[Entry] = []
+    logit_diffs: dict[str, float] = {}
+    extra_lines: list[str] = []
+    for name in workloads:
+        workload = WORKLOADS[name]
+        print(f"\n== {name}: {workload.description}", flush=True)
+        libs = [lib for lib in args.libraries if parse_peer(lib)[0] in workload.peers]
+        group = [build(workload, lib, overrides) for lib in libs]
+        entries += group
+        for e in group:
+            if not e.ok:
+                print(f"  {e.library:12s} {e.status}")
+        t0 = time.perf_counter()
+        for e in group:
+            if e.ok:
+                prepare(e, args.warmup, args.self_check)
+                if e.ok:
+                    chosen = f", strategy {e.strategy}" if e.strategy else ""
+                    print(f"  {e.library:12s} {e.warmup_calls} warm-up calls (2 measured: "
+                          f"ops/memory, FLOPs), <= {1e3 * e.estimate:.1f} ms/step{chosen}",
+                          flush=True)  # fmt: skip
+        print(f"  (warm-up and measurements took {time.perf_counter() - t0:.1f} s)")
+
+        reference = next((e for e in group if e.library == baseline_name(name) and e.ok), None)
+        check_gradients(group, reference)
+        if not args.no_checks and name == "conv4-maml-2nd":
+            lines = check_float64(workload, args.f64_tasks)
+            print("\n".join(lines), flush=True)
+            extra_lines += [f"{name}:", *lines]
+        if not args.no_checks and name == "conv4-protonet":
+            lines, logit_diffs = check_protonet_logits(overrides.get("tasks", 32))
+            print("\n".join(lines), flush=True)
+            extra_lines += [f"{name}:", *lines]
+
+        live = [e for e in group if e.ok]
+        t0 = time.perf_counter()
+        for r in range(args.repeats):
+            shift = r % max(len(live), 1)
+            for e in live[shift:] + live[:shift]:  # rotate the order every round
+                if not e.ok:
+                    continue
+                try:
+                    e.times.append(time_round(e, args.min_run_time, threads))
+                    e.rounds.append(r)
+                except Exception as exc:
+                    e.fail(exc)
+        print(f"  timed {args.repeats} rounds in {time.perf_counter() - t0:.1f} s: " + ", ".join(
+            f"{e.library} {1e3 * e.median:.2f} ms" for e in live if e.ok and e.times))  # fmt: skip
+
+        for e in live:
+            e.meta = None  # free the models and graphs of this workload
+
+    peak_after = matmul_peak_flops(n, min_run_time=0.1 if args.quick else 0.5,
+                                   rounds=1 if args.quick else 3)  # fmt: skip
+    peak = max(peak_before, peak_after)
+    load_after = os.getloadavg()
+
+    title = (f"pymeta vs peers, meta-step tasks/s ({platform.processor() or platform.machine()}, "
+             f"{threads} thread(s), torch {torch.__version__}; load {load_before[0]:.1f} -> "
+             f"{load_after[0]:.1f})")  # fmt: skip
+    rows = rows_for_csv(entries, peak, threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out_dir / "meta.csv", rows)
+    plot(entries, args.out_dir / "meta.png", title)
+
+    print(f"\nfp32 matmul peak: {peak_before / 1e9:.1f} GFLOP/s before, "
+          f"{peak_after / 1e9:.1f} after; using {peak / 1e9:.1f}")  # fmt: skip
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after: {' '.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} CPUs)")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    strategies = [f"{e.workload}: {e.strategy}" for e in entries if e.library == "pymeta" and e.ok]
+    if strategies:
+        print("pymeta strategy chosen ('auto'): " + "; ".join(strategies))
+    if extra_lines:
+        print("\nchecks:")
+        print("\n".join(extra_lines))
+    goals = goal_lines(entries, logit_diffs)
+    if goals:
+        print("\ntargets (measured vs goal):")
+        print("\n".join(goals))
+    print_table(entries, peak, threads)
+    return 0
+
+
+def _quiet_stderr() -> contextlib.AbstractContextManager[Any]:
+    """Silence stderr (gym's "unmaintained" notice when learn2learn is imported, the C++
+    build log of a pymeta extension that fails to build: its reason is printed anyway)."""
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def _self_check(step: Callable[[], None], measures: StepMeasures) -> None:
+    """Assert that the stacked-mode ops and memory of ``measure_all`` equal separate counts."""
+    from measure import count_aten_ops, peak_memory
+
+    ops, peak = count_aten_ops(step), peak_memory(step)
+    got = (measures.ops.total, measures.ops.non_view, measures.peak_bytes)
+    if got != (ops.total, ops.non_view, peak):
+        raise AssertionError(f"measure_all {got} != separate {(ops.total, ops.non_view, peak)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

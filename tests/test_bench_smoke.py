@@ -1,0 +1,58 @@
+"""Smoke run of the end-to-end benchmark driver (``pymeta bench meta``), not a timing test.
+
+Runs ``benchmarks/bench_meta.py`` through the ``pymeta`` command with this Python, in
+``--quick`` mode on the sinusoid MAML workload with 4 tasks. The peer libraries live in
+their own venv (benchmarks/README.md), so here they must be reported as skipped -- never
+with a number -- while pymeta and the torch.func peer run. About 8 s of CPU time (most of
+it importing torch twice and pymeta's strategy warm-up); wall time grows with machine load.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "benchmarks" / "bench_meta.py"
+
+
+@pytest.mark.skipif(not DRIVER.is_file(), reason="needs the benchmarks/ folder of a checkout")
+def test_bench_meta_quick_reports_skipped_peers(tmp_path: Path) -> None:
+    env = {**os.environ, "PYMETA_NO_BUILD": "1"}  # the driver, not the C++ build, is under test
+    cmd = [sys.executable, "-m", "pymeta", "bench", "meta", "--quick",
+           "--workloads", "sinusoid-maml-1step", "--tasks", "4", "--out-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+
+    # The table comes last; every library of the workload has a row.
+    table = out[out.rindex("meta-step per library") :]
+    rows = {line.split()[1]: line for line in table.splitlines() if line.startswith("sinusoid")}
+    assert set(rows) == {"pymeta", "learn2learn", "higher", "torch.func"}
+    with open(tmp_path / "meta.csv", newline="") as f:
+        csv_rows = {r["library"]: r for r in csv.DictReader(f)}
+    assert set(csv_rows) == set(rows)
+
+    for peer in ("learn2learn", "higher"):
+        try:
+            __import__(peer)
+        except ImportError:  # the usual case: peers are not installed in this Python
+            assert "skipped: cannot import" in rows[peer]
+            assert csv_rows[peer]["status"].startswith("skipped:")
+            assert csv_rows[peer]["tasks_per_s"] == ""  # no number for a skipped peer
+
+    for lib in ("pymeta", "torch.func"):
+        assert csv_rows[lib]["status"] == "ok"
+        assert float(csv_rows[lib]["tasks_per_s"]) > 0
+        assert int(csv_rows[lib]["aten_ops"]) > 0
+        assert csv_rows[lib]["tasks"] == "4"
+    assert csv_rows["pymeta"]["strategy"] in ("vmap", "loop")
+    assert "pymeta strategy chosen ('auto'): sinusoid-maml-1step:" in out
+    assert "targets (measured vs goal):" in out and "(a) sinusoid-maml-1step:" in out
+    assert (tmp_path / "meta.png").stat().st_size > 0

@@ -162,7 +162,7 @@ def main() -> None:
             fwd = statistics.median(timings[(set_name, form, name, "fwd")])
             bwd = statistics.median(timings[(set_name, form, name, "fwd+bwd")])
             with torch.no_grad():
-                ops = count_aten_ops(lambda update=update, p=params, g=grads, lr=lr: update(p, g, lr))
+                ops = count_aten_ops(lambda update=update, p=params, g=grads, lr=lr: update(p, g, lr)).total
             rows.append({
                 "set": set_name, "lr": form, "variant": name, "elements": sum(p.numel() for p in params),
                 "fwd_ms": 1e3 * fwd, "fwd_speedup": loop_fwd / fwd, "fwd_GBps": bytes_moved / fwd / 1e9,

@@ -76,7 +76,7 @@ def main() -> None:
     for name, fn in variants.items():
         median = statistics.median(times[name])
         rows.append({"variant": name, "tasks_per_s": T / median, "ms_per_meta_step": 1e3 * median,
-                     "aten_ops_per_meta_step": count_aten_ops(fn)})
+                     "aten_ops_per_meta_step": count_aten_ops(fn).total})
     loop, fast = rows
     write_csv("maml_sinusoid.csv", rows)
     print(f"\nMAML sinusoid, MLP 1-40-40-1, T={T}, K={K}, {args.steps} inner step(s), second order, "

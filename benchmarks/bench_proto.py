@@ -13,7 +13,7 @@ each of ``--repeats`` interleaved rounds (the machines are noisy: read the ratio
 ``triton.testing.do_bench`` medians and effective GB/s of the forward's minimal traffic.
 Also ATen ops dispatched per forward, all and non-view (a floor on kernel launches); the
 reference is counted through its PyTorch ops, a fused op counts as one.
-Writes ``benchmarks/results/proto_<device>_<n>threads[_cputime].csv`` and prints a table
+Writes ``benchmarks/results/proto_<device>_<n>threads[_cpu_time].csv`` and prints a table
 last. On a loaded machine other processes preempt OpenMP threads in some rounds; the
 1-thread run timed with the thread's CPU clock (``--threads 1 --cpu-time``) is immune to
 that preemption and the steadier measure of the ops themselves.
@@ -158,7 +158,7 @@ def main() -> None:
                 "fwd_bwd_x_torch": med[("torch", "fwd+bwd")] / bwd, "fwd_GBps": bytes_moved / fwd / 1e9,
                 "aten_ops_fwd": ops.total, "aten_non_view_ops_fwd": ops.non_view,
             })
-    clock = "_cputime" if args.cpu_time else ""
+    clock = "_cpu_time" if args.cpu_time else ""
     write_csv(f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
     print(f"\nProtoNet head ops on {device} ({torch.get_num_threads()} threads{', thread CPU time' if args.cpu_time else ''}), "
           f"float32, medians of {args.repeats} interleaved rounds; x ref / x torch = that variant's time / this variant's time")

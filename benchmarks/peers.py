@@ -541,7 +541,7 @@ def conv4_protonet(
             _zero_grads(params)
             F.cross_entropy(logits(sx, sy, qx).flatten(0, 1), qy_flat).backward()
 
-        return MetaStep(step_pymeta, params, lambda: "vmap (ProtoNet: fixed)")
+        return MetaStep(step_pymeta, params, lambda: "vmap(fixed)")
 
     def step() -> None:
         _zero_grads(params)

@@ -11,6 +11,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include "cuda_binding.h"
+
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -26,17 +28,8 @@ namespace {
 using pymeta::inner_sgd::Operands;
 namespace kernels = pymeta::inner_sgd_cuda;
 
-// ATen storage types -> the CUDA types of the torch-free header (same layout).
-template <typename scalar_t>
-using cuda_type_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
-                                       std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
-                                                          scalar_t>>;
-
-// The current stream of `device` through c10's device-generic interface: no CUDA-specific
-// torch headers, so this file compile-checks with nvcc even against a CPU build of torch.
-cudaStream_t current_stream(const c10::Device& device) {
-  return static_cast<cudaStream_t>(c10::impl::VirtualGuardImpl(device.type()).getStream(device).native_handle());
-}
+using pymeta::cuda_type_t;
+using pymeta::current_stream;
 
 // Copies `items` to a device buffer (kept alive by the returned tensor). The source is
 // pageable host memory, so the copy is staged before `to` returns: no stream sync needed.

@@ -10,23 +10,16 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include "cuda_binding.h"
+
 #include <type_traits>
 
 #include "prototypes.cuh"
 
 namespace {
 
-// ATen storage types -> the CUDA types of the torch-free header (same layout).
-template <typename scalar_t>
-using cuda_type_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
-                                       std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
-                                                          scalar_t>>;
-
-// The current stream of `device` through c10's device-generic interface: no CUDA-specific
-// torch headers, so this file compile-checks with nvcc even against a CPU build of torch.
-cudaStream_t current_stream(const c10::Device& device) {
-  return static_cast<cudaStream_t>(c10::impl::VirtualGuardImpl(device.type()).getStream(device).native_handle());
-}
+using pymeta::cuda_type_t;
+using pymeta::current_stream;
 
 void check_cuda(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.is_cuda(), "the cuda backend runs on CUDA tensors, got ", name, " on ", x.device());

@@ -102,13 +102,8 @@ _FORMAT = 1  # bump when the cache file layout changes
 
 
 def _font_dir() -> Path:
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the test extras
-        raise ImportError(
-            "Glyphs renders with the fonts that ship with matplotlib: pip install matplotlib "
-            "(or pymeta[plot])"
-        ) from exc
+    import matplotlib  # a dependency of pymeta: its font files are the "hands"
+
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 

@@ -10,8 +10,8 @@ Measured per workload and library:
 * tasks/second: T / median meta-step time. Libraries are timed interleaved, round after
   round (the order rotates every round), so machine noise hits all alike; each round
   takes ``Timer.blocked_autorange`` for steps shorter than ``--min-run-time``, else one
-  timed call (``Timer.timeit(1)``: blocked_autorange would spend an extra call sizing
-  its blocks). Speed-ups are medians of the per-round ratios (paired, noise cancels).
+  call timed with ``perf_counter`` (blocked_autorange would spend an extra call sizing its
+  blocks, ``Timer.timeit`` two warm-up calls). Speed-ups are medians of the per-round ratios (paired, noise cancels).
 * dispatched ATen ops per meta-step (``TorchDispatchMode``; a custom op such as
   ``pymeta::inner_sgd`` counts as one), peak tensor memory of one meta-step, FLOPs
   (``FlopCounterMode``, matmul/conv only) and the achieved fraction of this machine's fp32
@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import platform
@@ -93,7 +94,6 @@ GRAD_TOL = {
     "conv4-protonet": 1e-4,
 }
 F64_TOL = 1e-10
-LOGITS_TOL = 1e-5  # "equal to float32 rounding", relative to the largest |logit|
 
 
 @dataclass
@@ -203,11 +203,22 @@ def prepare(entry: Entry, warmup: int, self_check: bool = False, max_calls: int 
 
 
 def time_round(entry: Entry, min_run_time: float, threads: int) -> float:
-    """One timing of a meta-step: blocked_autorange's median for fast steps, else one call."""
+    """One timing of a meta-step: ``Timer.blocked_autorange``'s median for steps shorter
+    than ``min_run_time``; else one call timed with ``perf_counter``, garbage collection
+    off as in ``timeit`` (``Timer.timeit(1)`` would run two untimed warm-up calls first,
+    and blocked_autorange one to size its blocks: 2-3x the cost of a multi-second step)."""
     assert entry.meta is not None
-    timer = Timer("step()", globals={"step": entry.meta.step}, num_threads=threads)
     if entry.estimate >= min_run_time:
-        return timer.timeit(1).median
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            entry.meta.step()
+            return time.perf_counter() - start
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+    timer = Timer("step()", globals={"step": entry.meta.step}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -280,30 +291,52 @@ def check_float64(workload: Workload, tasks: int) -> list[str]:
 
 def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
     """pymeta ``ProtoNet(metric="euclidean")`` logits vs easyfsl's, with the workload's
-    BatchNorm encoder and with BatchNorm replaced by identity; lines and max abs diffs."""
-    lines = ["  ProtoNet logits, pymeta (metric='euclidean') vs easyfsl:"]
+    BatchNorm encoder and with BatchNorm replaced by identity.
+
+    Each library runs in float32 and float64: the float64 difference tells whether the two
+    compute the same function, each library's float32-vs-float64 difference is its own
+    rounding error, and the float32 difference is "equal to float32 rounding" when it is
+    within the sum of the two. Returns lines to print and the float32 max abs differences.
+    """
+    lines = ["  ProtoNet logits, pymeta (metric='euclidean') vs easyfsl "
+             "(max abs differences; rel = / max |logit|):"]  # fmt: skip
     diffs: dict[str, float] = {}
+    same_head = False
     for label, batch_norm in (("conv4 with BatchNorm", True), ("conv4, BatchNorm->Identity", False)):
         try:
-            ours = protonet_logits("pymeta", tasks=tasks, batch_norm=batch_norm)
-            theirs = protonet_logits("easyfsl", tasks=tasks, batch_norm=batch_norm)
+            logits = {
+                (lib, dtype): protonet_logits(lib, tasks=tasks, batch_norm=batch_norm, dtype=dtype)
+                .double()
+                for lib in ("pymeta", "easyfsl")
+                for dtype in (torch.float32, torch.float64)
+            }
         except PeerUnavailable as exc:
             lines.append(f"    {label}: skipped: {exc.reason}")
             continue
-        err = (ours - theirs).abs().max().item()
-        rel = err / theirs.abs().max().item()
-        diffs[label] = err
-        verdict = "equal to rounding" if rel <= LOGITS_TOL else "DIFFER"
-        lines.append(f"    {label:27s} max abs diff {err:.3e} (rel {rel:.3e}, "
-                     f"max |logit| {theirs.abs().max().item():.3g})  [{verdict}]")  # fmt: skip
-    if len(diffs) == 2:
-        with_bn, without = diffs.values()
-        if without <= LOGITS_TOL * 100 < with_bn:
-            lines.append(
-                "    -> the distance head agrees; the difference is BatchNorm batching: pymeta's "
-                "ProtoNet embeds support+query in one batch (pymeta/algorithms/protonet.py, "
-                "torch.cat before embed), easyfsl embeds them in separate calls"
-            )
+        f32, f64 = torch.float32, torch.float64
+
+        def diff(
+            a: tuple[str, torch.dtype], b: tuple[str, torch.dtype], logits: dict = logits
+        ) -> float:
+            return (logits[a] - logits[b]).abs().max().item()
+
+        scale = logits[("easyfsl", f64)].abs().max().item()
+        d32, d64 = diff(("pymeta", f32), ("easyfsl", f32)), diff(("pymeta", f64), ("easyfsl", f64))
+        own = diff(("pymeta", f32), ("pymeta", f64)), diff(("easyfsl", f32), ("easyfsl", f64))
+        diffs[label] = d32
+        equal = d64 <= 1e-9 * scale and d32 <= sum(own)
+        same_head |= equal and not batch_norm
+        verdict = "equal to float32 rounding" if equal else "DIFFER"
+        lines.append(
+            f"    {label:27s} float32 {d32:.2e} (rel {d32 / scale:.1e}), float64 {d64:.2e}; "
+            f"own float32 error pymeta {own[0]:.1e}, easyfsl {own[1]:.1e}  [{verdict}]"
+        )
+    if same_head and diffs.get("conv4 with BatchNorm", 0.0) > 0:
+        lines.append(
+            "    -> same distance head; with BatchNorm they differ because pymeta's ProtoNet "
+            "embeds each task's support+query images in one batch (BatchNorm statistics over "
+            "both; pymeta/algorithms/protonet.py), easyfsl embeds them in separate calls"
+        )
     return lines, diffs
 
 

@@ -37,13 +37,14 @@ def _sources(suffix: str) -> list[str]:
 def _build(name: str, sources: list[str], cuda: bool, verbose: bool) -> None:
     from torch.utils.cpp_extension import load
 
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch chooses the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
+    cflags = ["-O3", "-fopenmp"]
     load(
         name=name,
         sources=sources,
         extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"] if cuda else None,
+        extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
         extra_include_paths=[str(source_dir())],
         is_python_module=False,
         verbose=verbose,

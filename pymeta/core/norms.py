@@ -11,7 +11,10 @@ DESIGN.md, "Known traps"). pymeta never nests ``grad`` inside ``vmap``: it vmaps
 the forward and takes one ``torch.autograd.grad`` of the summed task losses outside
 it. In that formulation the native kernels are exact (float64 relative error ~1e-15
 at 1 and 3 inner steps against a per-task reference, checked by tests/test_maml.py),
-so the fused native kernels stay in use.
+so the fused native kernels stay in use. In float32, vmap's batched BatchNorm backward
+rounds worse than a per-task loop (conv4, second order: ~2e-4 to 2e-3 relative vs
+~1e-5 for the loop, measured by benchmarks/bench_meta.py's gradient check); use
+``strategy="loop"`` where float32 meta-gradients through BatchNorm must be tight.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def build(case: str, **kwargs) -> tuple[pymeta.ANIL, tuple[torch.Tensor, ...]]:
     return anil, make_episode()
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["lowered", "vmap", "loop"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("first_order", [False, True])

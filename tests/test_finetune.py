@@ -38,7 +38,7 @@ def reference_predictions(ft: pymeta.FineTune, episode, lr: float, steps: int) -
     return torch.stack(preds)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["lowered", "vmap", "loop"])
 @pytest.mark.parametrize("finetune_encoder", [False, True])
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 def test_episode_matches_per_task_reference(encoder, finetune_encoder, strategy):

@@ -35,7 +35,7 @@ def lr_by_name(metasgd: pymeta.MetaSGD) -> dict[str, torch.Tensor]:
     return {n: rate for (n, _), rate in zip(metasgd.module.named_parameters(), metasgd.lrs, strict=True)}
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["lowered", "vmap", "loop"])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("first_order", [False, True])

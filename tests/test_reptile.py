@@ -27,7 +27,7 @@ def reference_direction(model, x, y, loss_fn, lr, steps) -> list[torch.Tensor]:
     return [(p - torch.stack([phi[n] for phi in adapted]).mean(0)).detach() for n, p in params.items()]
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["lowered", "vmap", "loop"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_outer_direction_matches_per_task_reference(case, steps, strategy):

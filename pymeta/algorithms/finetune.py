@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from pymeta import _validate
 from pymeta.algorithms._embed import embed
 from pymeta.algorithms.maml import check_lr
-from pymeta.core.batched import FastWeights, StrategyPicker, TaskBatched
+from pymeta.core.batched import FastWeights, TaskBatched
 from pymeta.core.inner_loop import inner_loop
 
 
@@ -87,7 +87,7 @@ class FineTune(nn.Module):
         head = nn.Linear(feature_dim, n_way)
         self._head = TaskBatched(head)
         self._network = TaskBatched(nn.Sequential(encoder, nn.Flatten(), head))
-        self._picker = StrategyPicker(strategy)
+        self._picker = (self._network if self.finetune_encoder else self._head).picker(strategy)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pre-training logits over the base classes: ``[B, ...] -> [B, base_classes]``."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pymeta import _validate
-from pymeta.core.batched import LossFn, StrategyPicker, TaskBatched
+from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.core.inner_loop import InnerLR, inner_loop
 from pymeta.ops import inner_sgd
 
@@ -90,7 +90,7 @@ class MAML(nn.Module):
         self.loss_fn = loss_fn
         self.check_finite = bool(check_finite)
         self._batched = TaskBatched(model)
-        self._picker = StrategyPicker(strategy)
+        self._picker = self._batched.picker(strategy)
         # Adapted weights of a clone (learn2learn API); None: the module's own parameters.
         self._fast: dict[str, Tensor] | None = None
 

@@ -5,14 +5,21 @@ Fast weights are a ``dict`` from parameter name to a tensor with a leading task 
 the module itself. The module is run functionally (``torch.func.functional_call``), so
 nothing is cloned and gradients flow to the meta-parameters through the fast weights.
 
-Two execution strategies compute the same function:
+Three execution strategies compute the same function:
 
+* ``"lowered"``: the model's layers rewritten once as natively batched kernels
+  (``baddbmm`` for a linear layer, a grouped convolution for a conv layer), no ``vmap``
+  at all (:mod:`pymeta.core.lowered`). Only for ``nn.Sequential`` trees of common
+  layers; the least overhead per step, which is what small models are made of.
 * ``"vmap"``: ``torch.vmap`` over tasks; one batched kernel per layer (``bmm`` for a
   linear layer). Fastest for MLPs and heads, where a loop is launch-bound.
 * ``"loop"``: one ``functional_call`` per task, stacked. On CPU, conv layers with
   per-task weights are faster this way (vmap lowers them to grouped convolutions).
 
-``"auto"`` times both on the first calls and keeps the faster (:class:`StrategyPicker`).
+``"auto"`` times the candidates on the first calls and keeps the fastest
+(:class:`StrategyPicker`): ``"lowered"`` and ``"loop"`` when the model can be lowered
+(``"lowered"`` runs the same kernels as ``"vmap"`` with less overhead), else ``"vmap"``
+and ``"loop"``.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pymeta.core.lowered import Layer, NotLowerable, lower
 from pymeta.core.norms import EpisodeNorms, has_batch_norm
 
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "lowered", "vmap", "loop")
 FastWeights = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -43,13 +52,16 @@ class StrategyPicker:
     """Chooses the faster concrete strategy by timing the first calls of each.
 
     ``trials`` calls per candidate run interleaved (vmap, loop, vmap, loop, ...) so a
-    noisy machine affects both alike; the median decides and the choice is then fixed.
+    noisy machine affects all alike; the median decides and the choice is then fixed.
+    ``candidates`` are the concrete strategies "auto" chooses from.
     """
 
-    def __init__(self, strategy: str = "auto", trials: int = 3) -> None:
+    def __init__(
+        self, strategy: str = "auto", trials: int = 3, candidates: tuple[str, ...] = ("vmap", "loop")
+    ) -> None:
         self.strategy = check_strategy(strategy)
         self.trials = trials
-        self._times: dict[str, list[float]] = {"vmap": [], "loop": []}
+        self._times: dict[str, list[float]] = {name: [] for name in candidates}
         self.chosen: str | None = None if strategy == "auto" else strategy
 
     def next(self) -> str:
@@ -83,6 +95,35 @@ class TaskBatched:
         # BatchNorm follows the episode policy of pymeta.core.norms; models without it
         # skip the function-mode overhead.
         self._norms = has_batch_norm(module)
+        self._lowered: Layer | NotLowerable | None = None  # built on first use
+
+    def lowered(self) -> Layer:
+        """The model lowered to batched kernels; raises :class:`NotLowerable` if it cannot be."""
+        if self._lowered is None:
+            try:
+                self._lowered = lower(self.module)
+            except NotLowerable as error:
+                self._lowered = error
+        if isinstance(self._lowered, NotLowerable):
+            raise self._lowered
+        return self._lowered
+
+    def candidates(self) -> tuple[str, ...]:
+        """The strategies ``"auto"`` times for this model (see the module docstring)."""
+        try:
+            self.lowered()
+        except NotLowerable:
+            return ("vmap", "loop")
+        return ("lowered", "loop")
+
+    def picker(self, strategy: str) -> StrategyPicker:
+        """A :class:`StrategyPicker` for ``strategy`` over this model's candidates.
+
+        Raises :class:`NotLowerable` at once when ``strategy="lowered"`` cannot run it.
+        """
+        if strategy == "lowered":
+            self.lowered()
+        return StrategyPicker(strategy, candidates=self.candidates())
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters the inner loop adapts: every one that requires grad."""
@@ -98,6 +139,8 @@ class TaskBatched:
 
     def forward(self, weights: FastWeights, x: Tensor, strategy: str) -> Tensor:
         """``weights: {name: [T, *shape]}``, ``x: [T, B, ...]`` -> ``[T, B, ...]``."""
+        if strategy == "lowered":  # applies the BatchNorm episode policy itself
+            return self.lowered()(weights, x)
         # Buffers are read-only inside episodes: modules that bump a counter in place
         # (BatchNorm's num_batches_tracked) get a private copy.
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
@@ -117,6 +160,21 @@ class TaskBatched:
     @staticmethod
     def losses(loss_fn: LossFn, pred: Tensor, target: Tensor, strategy: str) -> Tensor:
         """Per-task losses ``[T]`` of ``pred: [T, B, ...]`` against ``target: [T, B, ...]``."""
-        if strategy == "vmap":
-            return torch.vmap(loss_fn)(pred, target)
-        return torch.stack([loss_fn(p, y) for p, y in zip(pred, target, strict=True)])
+        if strategy == "loop":
+            return torch.stack([loss_fn(p, y) for p, y in zip(pred, target, strict=True)])
+        direct = _direct_losses(loss_fn, pred, target)
+        return torch.vmap(loss_fn)(pred, target) if direct is None else direct
+
+
+def _direct_losses(loss_fn: LossFn, pred: Tensor, target: Tensor) -> Tensor | None:
+    """``[T]`` per-task mean losses for the two default losses without ``vmap``, else None.
+
+    Same values as ``loss_fn`` per task (a mean over each task's own examples); this
+    only saves ``vmap``'s per-call overhead, which matters for small models.
+    """
+    if loss_fn is F.mse_loss and pred.shape == target.shape:
+        return (pred - target).square().flatten(1).mean(1)
+    if loss_fn is F.cross_entropy and pred.dim() == 3 and target.dim() == 2 and not target.is_floating_point():
+        losses = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none")
+        return losses.view(target.shape).mean(1)
+    return None

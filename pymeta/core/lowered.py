@@ -1,0 +1,211 @@
+"""The ``"lowered"`` strategy: a model's layers rewritten as natively batched kernels.
+
+``vmap`` pays a fixed Python and dispatch cost per call and per batched op; for small
+models (the sinusoid MLP: a few ``[10, 40]`` matmuls per task) that cost, not the
+arithmetic, is the meta-step. A model built only from layers listed here (any nesting
+of ``nn.Sequential``) is lowered once to a function on ``[T, B, ...]`` inputs and
+``[T, *shape]`` fast weights that calls one batched kernel per layer directly:
+
+=========================================  ==============================================
+layer                                      batched form (x: ``[T, B, ...]``)
+=========================================  ==============================================
+``nn.Linear``                              ``baddbmm`` with ``[T, out, in]`` weights
+``nn.Conv2d`` (zeros padding)              one grouped convolution, tasks as groups
+``nn.BatchNorm1d`` / ``nn.BatchNorm2d``    per-task batch statistics (the episode policy
+                                           of :mod:`pymeta.core.norms`), tasks folded
+                                           into channels, running stats untouched
+``nn.LayerNorm``                           normalise, then per-task affine
+pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim
+elementwise activations                    unchanged (shape-agnostic)
+=========================================  ==============================================
+
+A weight absent from the fast weights (not adapted) is shared by all tasks and used
+unbatched. Anything else (a module with its own ``forward``, e.g. a residual block)
+makes :func:`lower` raise :class:`NotLowerable`, and ``strategy="auto"`` then uses
+``vmap`` instead. Results equal the per-task model's up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# weights: fast weights {name: [T, *shape]}; x: [T, B, ...] -> [T, B, ...]
+Layer = Callable[[dict[str, Tensor], Tensor], Tensor]
+
+# Modules that act on each element (or each example) alone, so the task dim is just
+# another leading dim. Dropout draws independent masks per element, hence per task.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Identity, nn.Dropout,
+)
+# Modules that take one [B, C, ...] batch and treat examples independently.
+PER_EXAMPLE = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)
+
+
+class NotLowerable(ValueError):
+    """The model holds a module the ``"lowered"`` strategy does not know."""
+
+
+def lower(module: nn.Module) -> Layer:
+    """The batched forward of ``module``: ``fn(weights, x [T, B, ...]) -> [T, B, ...]``.
+
+    Raises:
+        NotLowerable: naming the first unsupported submodule and its type.
+    """
+    return _lower(module, "")
+
+
+def _lower(module: nn.Module, prefix: str) -> Layer:
+    if isinstance(module, nn.Sequential):
+        layers = [_lower(child, f"{prefix}{name}.") for name, child in module.named_children()]
+
+        def sequential(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+            for layer in layers:
+                x = layer(weights, x)
+            return x
+
+        return sequential
+    if isinstance(module, ELEMENTWISE):
+        return lambda weights, x: module(x)
+    if isinstance(module, PER_EXAMPLE):
+        return lambda weights, x: module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    if isinstance(module, nn.Flatten):
+        # Shift the flattened dims past the task dim; negative dims count from the end.
+        start = module.start_dim + 1 if module.start_dim >= 0 else module.start_dim
+        end = module.end_dim + 1 if module.end_dim >= 0 else module.end_dim
+        return lambda weights, x: x.flatten(start, end)
+    for kind, lowering in LOWERINGS.items():
+        if type(module) is kind:
+            return lowering(module, prefix)
+    name = repr(prefix[:-1]) if prefix else "the model"
+    raise NotLowerable(
+        f"strategy='lowered' cannot run {name} ({type(module).__name__}): it supports nn.Sequential "
+        "trees of Linear, Conv2d, BatchNorm1d/2d, LayerNorm, pooling, Flatten, Dropout and elementwise "
+        "activations; use strategy='vmap' or 'auto'"
+    )
+
+
+def _getter(module: nn.Module, prefix: str) -> Callable[[dict[str, Tensor], str], Tensor | None]:
+    """Reads a parameter: the task-batched fast weight if adapted, else the module's own."""
+
+    def get(weights: dict[str, Tensor], name: str) -> Tensor | None:
+        return weights.get(prefix + name, getattr(module, name))
+
+    return get
+
+
+def _per_task(value: Tensor | None, shared_dims: int, num_tasks: int) -> Tensor | None:
+    """``value`` with a leading task dim: fast weights have one, shared ones are expanded."""
+    if value is None or value.dim() > shared_dims:
+        return value
+    return value.unsqueeze(0).expand(num_tasks, *value.shape)
+
+
+def _linear(module: nn.Linear, prefix: str) -> Layer:
+    get = _getter(module, prefix)
+
+    def linear(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        weight, bias = get(weights, "weight"), get(weights, "bias")
+        if weight.dim() == 2:  # shared weight: one plain matmul over all tasks
+            out = F.linear(x, weight)
+            return out if bias is None else out + _bias_view(bias, out)
+        # x: [T, B, ..., in] @ [T, in, out], the bias folded into the same kernel.
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        if bias is None:
+            out = torch.bmm(rows, weight.transpose(1, 2))
+        else:
+            bias = _per_task(bias, 1, x.shape[0])
+            out = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    return linear
+
+
+def _bias_view(bias: Tensor, out: Tensor) -> Tensor:
+    """A ``[out]`` or ``[T, out]`` bias shaped to add to ``out: [T, B, ..., out]``."""
+    if bias.dim() == 1:
+        return bias
+    return bias.view(bias.shape[0], *([1] * (out.dim() - 2)), bias.shape[1])
+
+
+def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise NotLowerable(
+            f"strategy='lowered' cannot run {prefix[:-1]!r}: Conv2d with padding "
+            f"{module.padding!r} / padding_mode {module.padding_mode!r} (only numeric zero padding)"
+        )
+    get = _getter(module, prefix)
+    options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+
+    def conv2d(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        weight, bias = get(weights, "weight"), get(weights, "bias")
+        num_tasks, batch = x.shape[:2]
+        if weight.dim() == 4 and (bias is None or bias.dim() == 1):  # all shared
+            out = F.conv2d(x.flatten(0, 1), weight, bias, groups=module.groups, **options)
+            return out.unflatten(0, (num_tasks, batch))
+        weight = _per_task(weight, 4, num_tasks)
+        bias = _per_task(bias, 1, num_tasks)
+        # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'].
+        folded = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
+        out = F.conv2d(
+            folded, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+            groups=num_tasks * module.groups, **options,
+        )
+        return out.view(batch, num_tasks, -1, *out.shape[2:]).transpose(0, 1)
+
+    return conv2d
+
+
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
+    get = _getter(module, prefix)
+
+    def batch_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        num_tasks, batch = x.shape[:2]
+        # Per-task statistics: fold tasks into channels, [B, T*C, ...], and normalise
+        # with batch statistics (running statistics are never read nor written).
+        folded = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
+        weight, bias = (
+            None if p is None else _per_task(p, 1, num_tasks).flatten()
+            for p in (get(weights, "weight"), get(weights, "bias"))
+        )
+        out = F.batch_norm(folded, None, None, weight, bias, True, 0.0, module.eps)
+        return out.view(batch, num_tasks, *x.shape[2:]).transpose(0, 1)
+
+    return batch_norm
+
+
+def _layer_norm(module: nn.LayerNorm, prefix: str) -> Layer:
+    get = _getter(module, prefix)
+
+    def layer_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        weight, bias = get(weights, "weight"), get(weights, "bias")
+        shape = module.normalized_shape
+        if (weight is None or weight.dim() == len(shape)) and (bias is None or bias.dim() == len(shape)):
+            return F.layer_norm(x, shape, weight, bias, module.eps)
+        out = F.layer_norm(x, shape, None, None, module.eps)
+        # [T, *shape] affine broadcast over the example dims between T and `shape`.
+        between = [1] * (x.dim() - 1 - len(shape))
+        if weight is not None:
+            out = out * _per_task(weight, len(shape), x.shape[0]).view(x.shape[0], *between, *shape)
+        if bias is not None:
+            out = out + _per_task(bias, len(shape), x.shape[0]).view(x.shape[0], *between, *shape)
+        return out
+
+    return layer_norm
+
+
+LOWERINGS: dict[type[nn.Module], Callable[[nn.Module, str], Layer]] = {
+    nn.Linear: _linear,
+    nn.Conv2d: _conv2d,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.LayerNorm: _layer_norm,
+}

@@ -1,0 +1,90 @@
+"""The "lowered" strategy: every supported layer equals the per-task loop, in float64."""
+
+import pytest
+import torch
+from torch import nn
+
+import pymeta
+from pymeta.core.batched import TaskBatched
+from pymeta.core.lowered import NotLowerable
+from pymeta.models import resnet12
+
+T, B = 3, 4
+
+MODELS = {
+    # (model, example shape without the [T, B] dims)
+    "linear_nobias_3d_input": (lambda: nn.Sequential(nn.Linear(5, 6, bias=False), nn.GELU(), nn.Linear(6, 2)), (7, 5)),
+    "layernorm_2d_noaffine": (
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm((6,), elementwise_affine=False), nn.SiLU(),
+                              nn.Linear(6, 3), nn.LayerNorm(3)),
+        (4,),
+    ),
+    "batchnorm1d_noaffine_seq": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(2, 3), nn.BatchNorm1d(4, affine=False), nn.Flatten(),
+                              nn.Linear(4 * 9, 2)),
+        (2, 5, 5),
+    ),
+    "conv_grouped_strided_pool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(6), nn.LeakyReLU(0.1),
+            nn.Sequential(nn.Conv2d(6, 4, 2, dilation=2, bias=False), nn.AdaptiveAvgPool2d(1)),
+            nn.Flatten(start_dim=-3), nn.Linear(4, 3),
+        ),
+        (4, 9, 9),
+    ),
+}
+
+
+def fast_weights(model: nn.Module, frozen: set[str]) -> dict[str, torch.Tensor]:
+    """Distinct per-task weights for every parameter not in ``frozen`` (those stay shared)."""
+    return {
+        name: p.detach().unsqueeze(0) + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype)
+        for name, p in model.named_parameters() if name not in frozen
+    }
+
+
+@pytest.mark.parametrize("freeze_first_layer", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_lowered_equals_per_task_loop_values_and_gradients(name, freeze_first_layer):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    frozen = {n for n, _ in model.named_parameters() if n.startswith("0.")} if freeze_first_layer else set()
+    weights = {n: w.requires_grad_() for n, w in fast_weights(model, frozen).items()}
+    x = torch.randn(T, B, *shape, dtype=torch.float64, requires_grad=True)
+    batched = TaskBatched(model)
+    out = {s: batched.forward(weights, x, s) for s in ("lowered", "loop")}
+    torch.testing.assert_close(out["lowered"], out["loop"], rtol=1e-12, atol=1e-12)
+    # First and second derivatives (what second-order MAML differentiates) agree too.
+    probe = torch.randn_like(out["loop"])
+    inputs = [x, *weights.values(), *(p for n, p in model.named_parameters() if n in frozen)]
+    grads = {}
+    for s, o in out.items():
+        first = torch.autograd.grad((o * probe).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs, allow_unused=True)
+        grads[s] = [*first, *(torch.zeros(()) if g is None else g for g in second)]
+    for lowered, loop in zip(grads["lowered"], grads["loop"], strict=True):
+        torch.testing.assert_close(lowered, loop, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_candidates_and_forced_lowered_on_a_model_it_cannot_lower():
+    assert TaskBatched(nn.Sequential(nn.Linear(2, 2))).candidates() == ("lowered", "loop")
+    model = resnet12(in_channels=1, channels=(4, 4, 4, 4), n_way=3)
+    assert TaskBatched(model).candidates() == ("vmap", "loop")
+    with pytest.raises(NotLowerable, match=r"cannot run the model \(ResNet12\).*use strategy='vmap' or 'auto'"):
+        pymeta.MAML(model, lr=0.1, strategy="lowered")
+    with pytest.raises(NotLowerable, match=r"cannot run '1.0' \(ResidualBlock\)"):
+        pymeta.MAML(nn.Sequential(nn.Identity(), model.blocks.__class__(*model.blocks)), lr=0.1, strategy="lowered")
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(NotLowerable, match=r"'0'.*padding_mode 'reflect'"):
+        pymeta.MAML(reflect, lr=0.1, strategy="lowered")
+    assert pymeta.MAML(reflect, lr=0.1)._picker._times.keys() == {"vmap", "loop"}
+
+
+def test_lowered_batch_norm_leaves_running_stats_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    TaskBatched(model).forward(fast_weights(model, set()), x, "lowered")
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n

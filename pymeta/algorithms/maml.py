@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from pymeta import _validate
 from pymeta.core.batched import LossFn, TaskBatched
+from pymeta.core.chunked import chunked_mean_loss
 from pymeta.core.inner_loop import InnerLR, inner_loop
 from pymeta.ops import inner_sgd
 
@@ -57,6 +58,12 @@ class MAML(nn.Module):
         check_finite: in ``episode``, raise ``FloatingPointError`` naming the task and
             inner step whose loss or gradient is NaN/inf, instead of letting it reach
             the meta-parameters (one device sync per inner step; off by default).
+        checkpoint_steps: in ``episode``, second order: store each inner step's fast
+            weights instead of its graph and recompute the step during ``backward``
+            (gradient checkpointing of the inner loop). For long inner loops: memory
+            grows by one set of fast weights per step instead of one support graph;
+            time grows by one support forward+backward per step. Same meta-gradients.
+            Combine with :meth:`meta_loss`'s ``task_chunk`` to bound the query side too.
 
     BatchNorm inside ``episode``: each task normalises with its own batch statistics
     (support batch in the inner loop, query batch for the prediction) and running
@@ -75,6 +82,7 @@ class MAML(nn.Module):
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
         check_finite: bool = False,
+        checkpoint_steps: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -89,6 +97,7 @@ class MAML(nn.Module):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self.check_finite = bool(check_finite)
+        self.checkpoint_steps = bool(checkpoint_steps)
         self._batched = TaskBatched(model)
         self._picker = self._batched.picker(strategy)
         # Adapted weights of a clone (learn2learn API); None: the module's own parameters.
@@ -116,8 +125,53 @@ class MAML(nn.Module):
             weights = inner_loop(
                 self._batched, weights, support_x, support_y, loss_fn,
                 self._inner_lr(list(weights)), self.steps, self.first_order, strategy, self.check_finite,
+                self.checkpoint_steps,
             )
             return self._batched.forward(weights, query_x, strategy)
+
+    def meta_loss(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        task_chunk: int | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The mean query loss over tasks after adaptation, for memory-bound meta-batches.
+
+        Equal to ``mean_t loss_fn(episode(...)[t], query_y[t])``, but the tasks run in
+        chunks of ``task_chunk`` and each chunk's meta-gradient is taken (and its graph
+        freed) before the next chunk runs, so peak memory is one chunk's graph instead
+        of all T tasks' (``task_chunk=1``: learn2learn's per-task ``backward()``
+        footprint). Call ``.backward()`` on the result once, as usual; it cannot be
+        differentiated twice (:func:`pymeta.core.chunked.chunked_mean_loss`).
+
+        Args:
+            support_x, support_y, query_x: as for :meth:`episode`.
+            query_y: ``[T, Q]`` labels or ``[T, Q, ...]`` targets.
+            task_chunk: tasks per chunk; ``None`` runs all T at once.
+            loss_fn: the query loss (default: the inner-loop loss).
+
+        Returns:
+            A scalar: the mean over tasks of each task's query loss.
+        """
+        loss_fn = loss_fn or self.loss_fn or default_loss(support_y)
+        num_tasks = _validate.episode(
+            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
+            model=self.module,
+        )
+        _validate.tensor("query_y", query_y)
+        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
+        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
+
+        def task_loss_sum(tasks: slice) -> Tensor:
+            pred = self.episode(support_x[tasks], support_y[tasks], query_x[tasks])
+            _validate.targets("query_y", pred, query_y[tasks], loss_fn)
+            return self._batched.losses(loss_fn, pred, query_y[tasks], self._picker.chosen or "loop").sum()
+
+        return chunked_mean_loss(task_loss_sum, num_tasks, task_chunk, list(self.parameters()))
 
     @property
     def strategy(self) -> str | None:

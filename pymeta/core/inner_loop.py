@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from pymeta import _validate
 from pymeta.core.batched import FastWeights, LossFn, TaskBatched
@@ -36,6 +37,7 @@ def inner_loop(
     first_order: bool,
     strategy: str,
     check_finite: bool = False,
+    checkpoint: bool = False,
 ) -> FastWeights:
     """Take ``steps`` SGD steps on every task's loss at once.
 
@@ -48,6 +50,10 @@ def inner_loop(
         check_finite: raise ``FloatingPointError`` naming the task and step when a task's
             loss or gradient is NaN or infinite (:func:`check_finite_step`). Off by
             default: the check reads the values, one device sync per inner step.
+        checkpoint: second order only: keep each step's fast weights, not its graph, and
+            recompute the step in ``backward`` (:class:`_CheckpointedStep`). Memory per
+            step drops from a support forward+backward graph to one set of weights; the
+            cost is one more support forward and backward per step.
 
     The loss summed over tasks has, w.r.t. task t's fast weights, exactly task t's own
     gradient (tasks share no fast weight), so one ``autograd.grad`` call serves all T.
@@ -57,20 +63,91 @@ def inner_loop(
     weights = trainable(weights)
     create_graph = not first_order and torch.is_grad_enabled()
     names = list(weights)
+    values = [weights[n] for n in names]
+
+    def step_fn(step: int, values: list[Tensor], lr: InnerLR, create_graph: bool) -> list[Tensor]:
+        pred = batched.forward(dict(zip(names, values, strict=True)), x, strategy)
+        if step == 0:  # shapes do not change between steps
+            _validate.targets("support_y", pred, y, loss_fn)
+        losses = batched.losses(loss_fn, pred, y, strategy)
+        grads = torch.autograd.grad(losses.sum(), values, create_graph=create_graph, allow_unused=True)
+        # A weight the loss does not use (e.g. a head row never selected) has zero grad.
+        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(values, grads, strict=True)]
+        if check_finite:
+            check_finite_step(step, losses, dict(zip(names, grads, strict=True)))
+        return inner_sgd(values, grads, lr)
+
     with torch.enable_grad():
         for step in range(steps):
-            pred = batched.forward(weights, x, strategy)
-            if step == 0:  # shapes do not change between steps
-                _validate.targets("support_y", pred, y, loss_fn)
-            losses = batched.losses(loss_fn, pred, y, strategy)
-            values = [weights[n] for n in names]
-            grads = torch.autograd.grad(losses.sum(), values, create_graph=create_graph, allow_unused=True)
-            # A weight the loss does not use (e.g. a head row never selected) has zero grad.
-            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(values, grads, strict=True)]
-            if check_finite:
-                check_finite_step(step, losses, dict(zip(names, grads, strict=True)))
-            weights = dict(zip(names, inner_sgd(values, grads, lr), strict=True))
-    return weights
+            if checkpoint and create_graph:
+                lr_tensors = _lr_tensors(lr)
+                values = list(_CheckpointedStep.apply(step_fn, step, lr, len(values), *values, *lr_tensors))
+            else:
+                values = step_fn(step, values, lr, create_graph)
+    return dict(zip(names, values, strict=True))
+
+
+def _lr_tensors(lr: InnerLR) -> list[Tensor]:
+    """The tensors of an ``InnerLR`` (none for a float), in a fixed order."""
+    if isinstance(lr, Tensor):
+        return [lr]
+    return [] if isinstance(lr, int | float) else list(lr)
+
+
+def _with_lr_tensors(lr: InnerLR, tensors: Sequence[Tensor]) -> InnerLR:
+    """``lr`` with its tensors replaced by ``tensors`` (the inverse of :func:`_lr_tensors`)."""
+    if isinstance(lr, Tensor):
+        return tensors[0]
+    return lr if isinstance(lr, int | float) else list(tensors)
+
+
+class _CheckpointedStep(torch.autograd.Function):
+    """One second-order inner step that stores its inputs, not its graph.
+
+    ``forward`` takes the step without building a graph; ``backward`` rebuilds it from
+    the saved fast weights (same RNG state, so dropout masks repeat) and returns the
+    vector-Jacobian product for the weights and the learning-rate tensors, which
+    includes the second-order (Hessian-vector) terms.
+    """
+
+    @staticmethod
+    def forward(ctx, step_fn, step, lr, num_values, *inputs):
+        values, lr_tensors = list(inputs[:num_values]), inputs[num_values:]
+        ctx.step_fn, ctx.step, ctx.lr, ctx.num_values = step_fn, step, lr, num_values
+        ctx.rng = _rng_state(values[0].device)
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            detached = [v.detach().requires_grad_() for v in values]
+            new = step_fn(step, detached, _with_lr_tensors(lr, [t.detach() for t in lr_tensors]), False)
+        return tuple(w.detach() for w in new)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        values, lr_tensors = inputs[: ctx.num_values], inputs[ctx.num_values:]
+        with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(values[0].device)):
+            _set_rng_state(values[0].device, ctx.rng)
+            new = ctx.step_fn(ctx.step, values, _with_lr_tensors(ctx.lr, lr_tensors), True)
+        wanted = [t for t, original in zip(inputs, ctx.saved_tensors, strict=True) if original.requires_grad]
+        grads = iter(torch.autograd.grad(new, wanted, grad_outputs, allow_unused=True))
+        return (None, None, None, None, *(
+            next(grads) if original.requires_grad else None for original in ctx.saved_tensors
+        ))
+
+
+def _cuda_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def check_finite_step(step: int, losses: Tensor, grads: FastWeights) -> None:

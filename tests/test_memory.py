@@ -4,7 +4,13 @@ meta-gradients exact (float64 per-task reference) while storing less for backwar
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import classification_episode, conv_bn, per_task_sum, reference_meta_grads, relative_error
+from helpers import (
+    classification_episode,
+    conv_bn,
+    per_task_sum,
+    reference_meta_grads,
+    relative_error,
+)
 
 import pymeta
 

@@ -74,14 +74,17 @@ from torch.utils.benchmark import Timer
 
 LIBRARIES = ("pymeta", "learn2learn", "higher", "torch.func", "easyfsl")
 
-# The issue's workload groups: (a) sinusoid MAML, (b) conv4 MAML, (c) ProtoNet, (d) Meta-SGD.
+# The issue's workload groups: (a) sinusoid MAML, (b) conv4 MAML, (c) ProtoNet, (d) Meta-SGD,
+# and (m) the memory/time trade-off of long inner loops (opt-in: slow).
 GROUPS: dict[str, tuple[str, ...]] = {
     "a": ("sinusoid-maml-1step", "sinusoid-maml-5step"),
     "b": ("conv4-maml-2nd", "conv4-maml-1st"),
     "c": ("conv4-protonet",),
     "d": ("sinusoid-metasgd-1step", "sinusoid-metasgd-5step"),
+    "m": ("conv4-maml-5step", "conv4-maml-10step"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+DEFAULT_GROUPS = ("a", "b", "c", "d")
 
 # float32 meta-gradient agreement with the reference (relative to its largest entry).
 GRAD_TOL = {
@@ -92,6 +95,8 @@ GRAD_TOL = {
     "conv4-maml-2nd": 1e-4,
     "conv4-maml-1st": 1e-4,
     "conv4-protonet": 1e-4,
+    "conv4-maml-5step": 1e-4,
+    "conv4-maml-10step": 1e-4,
 }
 F64_TOL = 1e-10
 
@@ -254,7 +259,7 @@ def check_float64(workload: Workload, tasks: int) -> list[str]:
     strategies) on ``workload`` with ``tasks`` tasks, in float64 against learn2learn's
     float64 (exactness), and in float32 against the same float64 reference (each
     library's float32 rounding level); lines to print."""
-    libs = ("learn2learn", "higher", "torch.func", "pymeta[vmap]", "pymeta[loop]")
+    libs = ("learn2learn", "higher", "torch.func", "pymeta[lowered]", "pymeta[vmap]", "pymeta[loop]")
     lines = [f"  meta-gradients with {tasks} tasks vs learn2learn's float64 "
              f"(rel = max abs / max |ref|; float64 tolerance {F64_TOL:g}):"]  # fmt: skip
     grads: dict[tuple[str, torch.dtype], Tensor] = {}
@@ -290,18 +295,18 @@ def check_float64(workload: Workload, tasks: int) -> list[str]:
 
 
 def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
-    """pymeta ``ProtoNet(metric="euclidean")`` logits vs easyfsl's, with the workload's
-    BatchNorm encoder and with BatchNorm replaced by identity.
+    """pymeta ``ProtoNet(metric="euclidean", batch_stats="separate")`` logits vs easyfsl's,
+    with the workload's BatchNorm encoder and with BatchNorm replaced by identity.
 
     Each library runs in float32 and float64: the float64 difference tells whether the two
     compute the same function, each library's float32-vs-float64 difference is its own
     rounding error, and the float32 difference is "equal to float32 rounding" when it is
     within the sum of the two. Returns lines to print and the float32 max abs differences.
     """
-    lines = ["  ProtoNet logits, pymeta (metric='euclidean') vs easyfsl "
+    lines = ["  ProtoNet logits, pymeta (metric='euclidean', batch_stats='separate') vs easyfsl "
              "(max abs differences; rel = / max |logit|):"]  # fmt: skip
     diffs: dict[str, float] = {}
-    same_head = False
+    same_head, same_with_bn = False, False
     for label, batch_norm in (("conv4 with BatchNorm", True), ("conv4, BatchNorm->Identity", False)):
         try:
             logits = {
@@ -326,16 +331,17 @@ def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
         diffs[label] = d32
         equal = d64 <= 1e-9 * scale and d32 <= sum(own)
         same_head |= equal and not batch_norm
+        same_with_bn |= equal and batch_norm
         verdict = "equal to float32 rounding" if equal else "DIFFER"
         lines.append(
             f"    {label:27s} float32 {d32:.2e} (rel {d32 / scale:.1e}), float64 {d64:.2e}; "
             f"own float32 error pymeta {own[0]:.1e}, easyfsl {own[1]:.1e}  [{verdict}]"
         )
-    if same_head and diffs.get("conv4 with BatchNorm", 0.0) > 0:
+    if same_head and "conv4 with BatchNorm" in diffs and not same_with_bn:
         lines.append(
-            "    -> same distance head; with BatchNorm they differ because pymeta's ProtoNet "
-            "embeds each task's support+query images in one batch (BatchNorm statistics over "
-            "both; pymeta/algorithms/protonet.py), easyfsl embeds them in separate calls"
+            "    -> same distance head, different BatchNorm embeddings: easyfsl normalises a "
+            "task's support and query images in separate calls, which pymeta does only with "
+            "ProtoNet(batch_stats='separate') (its default 'joint' normalises them together)"
         )
     return lines, diffs
 
@@ -472,13 +478,23 @@ def goal_lines(entries: list[Entry], logit_diffs: dict[str, float]) -> list[str]
                 f"{theirs.measures.ops.total} = 1/{1 / r:.1f} (goal <= 1/{1 / goal:g}) "
                 f"{verdict(r, goal, False)}")  # fmt: skip
 
-    def memory(w: str, peer: str) -> str:
-        ours, theirs = by_key.get((w, "pymeta")), by_key.get((w, peer))
+    def memory(w: str, peer: str, ours_name: str = "pymeta", goal: bool = True) -> str:
+        ours, theirs = by_key.get((w, ours_name)), by_key.get((w, peer))
         if not (ours and theirs and ours.measures and theirs.measures):
-            return f"peak memory pymeta / {peer}: n/a"
+            return f"peak memory {ours_name} / {peer}: n/a"
         a, b = ours.measures.peak_bytes, theirs.measures.peak_bytes
-        return (f"peak memory pymeta / {peer} = {a / 2**20:.1f}/{b / 2**20:.1f} MiB = "
-                f"{a / b:.2f}x (goal <= 1x) {verdict(a / b, 1.0, False)}")  # fmt: skip
+        line = f"peak memory {ours_name} / {peer} = {a / 2**20:.1f}/{b / 2**20:.1f} MiB = {a / b:.2f}x"
+        return f"{line} (goal <= 1x) {verdict(a / b, 1.0, False)}" if goal else line
+
+    def trade_off(w: str) -> list[str]:
+        """Every pymeta variant's memory and time against learn2learn's (no goal)."""
+        parts = []
+        for e in (e for e in entries if e.workload == w and e.library.startswith("pymeta")):
+            theirs = by_key.get((w, "learn2learn"))
+            r = paired_ratio(e, theirs) if e.ok and theirs is not None and theirs.ok else None
+            parts.append(memory(w, "learn2learn", e.library, goal=False)
+                         + f"; tasks/s {e.library} / learn2learn = {_fmt(r, '.2f')}x")  # fmt: skip
+        return parts
 
     for w in workloads:
         group = GROUP_OF.get(w)
@@ -488,6 +504,8 @@ def goal_lines(entries: list[Entry], logit_diffs: dict[str, float]) -> list[str]
         elif group == "b":
             parts = [speed(w, "learn2learn", 1.2), speed(w, "torch.func", 1.0),
                      memory(w, "learn2learn")]  # fmt: skip
+        elif group == "m":
+            parts = trade_off(w)
         elif group == "c":
             parts = [speed(w, "easyfsl", 1.0)]
             for label, diff in logit_diffs.items():
@@ -546,7 +564,7 @@ def plot(entries: list[Entry], path: Path, title: str) -> Path | None:
 
 
 def resolve_workloads(names: Sequence[str]) -> list[str]:
-    """Workload names from names and group letters (a, b, c, d), in WORKLOADS order."""
+    """Workload names from names and group letters (a, b, c, d, m), in WORKLOADS order."""
     wanted: set[str] = set()
     for name in names:
         if name in GROUPS:
@@ -574,11 +592,13 @@ def pymeta_backends() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), metavar="NAME",
-                   help=f"workload names or groups a b c d (default: all): {', '.join(WORKLOADS)}")
+    p.add_argument("--workloads", nargs="+", default=list(DEFAULT_GROUPS), metavar="NAME",
+                   help="workload names or groups a b c d m (default: a b c d; m, long inner "
+                        f"loops, is slow): {', '.join(WORKLOADS)}")
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), metavar="LIB",
-                   help="libraries (default: all); 'pymeta[vmap]' / 'pymeta[loop]' add pymeta "
-                        "with a fixed strategy, for diagnosis")
+                   help="libraries (default: all); pymeta with options adds a variant, e.g. "
+                        "'pymeta[loop]' (a fixed strategy), 'pymeta[lowered,task_chunk=4]', "
+                        "'pymeta[checkpoint_steps=1]'")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved timing rounds (default 7; --quick: 2)")
     p.add_argument("--min-run-time", type=float, default=None,

@@ -31,7 +31,8 @@ Peers:
   issue 534, DESIGN.md "Known traps"); that is expected and only measured here.
 * ``"easyfsl"``     -- ``easyfsl.methods.PrototypicalNetworks`` (``conv4_protonet`` only).
 * ``"pymeta"``      -- this library, every workload: ``pymeta.MAML`` / ``MetaSGD`` /
-  ``ProtoNet(metric="euclidean")``, one batched ``episode(support_x, support_y, query_x)``
+  ``ProtoNet(metric="euclidean", batch_stats="separate")`` (easyfsl's BatchNorm batches),
+  one batched ``episode(support_x, support_y, query_x)``
   over all tasks, the mean query loss, one ``backward()``. Execution strategy ``"auto"`` by
   default (measured on the first calls; ``MetaStep.strategy()`` says what it chose).
 
@@ -379,9 +380,13 @@ def _maml_pymeta(
     loss_fn: LossFn,
     strategy: str = "auto",
     metasgd: bool = False,
+    task_chunk: int | None = None,
+    checkpoint_steps: bool = False,
 ) -> MetaStep:
     """pymeta ``MAML`` (or ``MetaSGD``): one batched ``episode`` over all tasks, the mean
-    query loss over tasks, one ``backward()``.
+    query loss over tasks, one ``backward()``; with ``task_chunk``, ``meta_loss(...,
+    task_chunk=task_chunk).backward()`` instead (gradients taken chunk by chunk, one
+    chunk's graph in memory). ``checkpoint_steps``: recompute inner steps in backward.
 
     With equally many queries per task, ``loss_fn`` (mean reduction) of the flattened
     ``[T * Q, ...]`` predictions is the mean over tasks of the per-task query losses, as
@@ -390,13 +395,16 @@ def _maml_pymeta(
     pymeta = _import_peer("pymeta", "pymeta")
     cls = pymeta.MetaSGD if metasgd else pymeta.MAML
     algo = cls(model, lr=lr, first_order=first_order, steps=steps, loss_fn=loss_fn,
-               strategy=strategy)  # fmt: skip
+               strategy=strategy, checkpoint_steps=bool(checkpoint_steps))  # fmt: skip
     params = list(algo.parameters())  # the model's, then (Meta-SGD) the lrs: learn2learn's order
     sx, sy, qx = data.support_x, data.support_y, data.query_x
     qy = data.query_y.flatten(0, 1)
 
     def step() -> None:
         _zero_grads(params)
+        if task_chunk:
+            algo.meta_loss(sx, sy, qx, data.query_y, task_chunk=task_chunk).backward()
+            return
         pred = algo.episode(sx, sy, qx)
         loss_fn(pred.flatten(0, 1), qy).backward()
 
@@ -413,10 +421,13 @@ def _maml(
     first_order: bool,
     loss_fn: LossFn,
     strategy: str = "auto",
+    task_chunk: int | None = None,
+    checkpoint_steps: bool = False,
 ) -> MetaStep:
-    """Dispatch a MAML workload to the peer's implementation (``strategy``: pymeta's)."""
+    """Dispatch a MAML workload to the peer's implementation (the last three: pymeta's)."""
     if peer == "pymeta":
-        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy)
+        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy,
+                            task_chunk=task_chunk, checkpoint_steps=checkpoint_steps)  # fmt: skip
     if peer == "learn2learn":
         return _maml_learn2learn(model, data, lr, steps, first_order, loss_fn)
     if peer == "higher":
@@ -466,21 +477,29 @@ def conv4_maml(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     strategy: str = "auto",
+    task_chunk: int | None = None,
+    checkpoint_steps: bool = False,
 ) -> MetaStep:
     """(b) 28x28 grayscale 5-way 1-shot, conv4 + linear head, MAML, cross-entropy.
 
-    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
+    ``strategy``, ``task_chunk`` and ``checkpoint_steps`` are pymeta's options (see
+    :func:`_maml_pymeta`; the other peers ignore them).
     """
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     model = make_conv4(n_way, seed=seed, dtype=dtype)
-    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, strategy)
+    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, strategy,
+                 task_chunk, checkpoint_steps)  # fmt: skip
 
 
 def _protonet_model(
-    peer: str, encoder: nn.Module
+    peer: str, encoder: nn.Module, strategy: str = "auto"
 ) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """``(module, logits)`` of a ProtoNet peer: ``logits(sx, sy, qx)`` gives ``[T, Q, N]``
-    negative plain Euclidean distances of each query to its task's class means."""
+    negative plain Euclidean distances of each query to its task's class means.
+
+    Both embed a task's support and query images in separate encoder calls, so BatchNorm
+    normalises each with its own statistics (pymeta: ``batch_stats="separate"``).
+    ``strategy`` is pymeta's execution strategy (ignored by easyfsl)."""
     if peer == "easyfsl":
         methods = _import_peer("easyfsl", "easyfsl.methods")
         model = methods.PrototypicalNetworks(encoder)
@@ -495,7 +514,7 @@ def _protonet_model(
         return model, logits_easyfsl
     if peer == "pymeta":
         pymeta = _import_peer("pymeta", "pymeta")
-        proto = pymeta.ProtoNet(encoder, metric="euclidean")
+        proto = pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate", strategy=strategy)
         return proto, proto.episode
     raise _unknown("conv4_protonet", peer)
 
@@ -519,17 +538,18 @@ def conv4_protonet(
     ``(cross_entropy / T).backward()`` per task. The encoder runs separately on support and
     query images (BatchNorm statistics per call), as easyfsl does.
 
-    pymeta: ``ProtoNet(encoder, metric="euclidean")``, one ``episode`` over all tasks, the
-    mean cross-entropy, one ``backward()``. Its encoder sees each task's support and query
-    images in *one* batch (``torch.cat``, BatchNorm statistics over both), so with BatchNorm
-    its logits differ from easyfsl's; ``batch_norm=False`` (``nn.Identity`` in its place)
-    removes that difference. ``strategy`` is ignored: pymeta's ProtoNet has no choice
-    (it embeds with ``vmap``, shared weights).
+    pymeta: ``ProtoNet(encoder, metric="euclidean", batch_stats="separate",
+    strategy=strategy)``, one ``episode`` over all tasks, the mean cross-entropy, one
+    ``backward()``. ``batch_stats="separate"`` embeds each task's support and query images
+    in separate encoder batches, as easyfsl does, so the logits agree with easyfsl's to
+    float32 rounding (pymeta's default, ``"joint"``, takes BatchNorm statistics over
+    both). ``strategy`` (``"auto"``, ``"vmap"``, ``"loop"``, ...) is how pymeta runs the
+    encoder on all tasks; ``batch_norm=False`` (``nn.Identity`` in place of BatchNorm)
+    leaves nothing to choose: all tasks' images run as one batch.
     """
-    del strategy
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
-    model, logits = _protonet_model(peer, encoder)
+    model, logits = _protonet_model(peer, encoder, strategy)
     params = list(model.parameters())
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
@@ -541,7 +561,9 @@ def conv4_protonet(
             _zero_grads(params)
             F.cross_entropy(logits(sx, sy, qx).flatten(0, 1), qy_flat).backward()
 
-        return MetaStep(step_pymeta, params, lambda: "vmap(fixed)")
+        if not batch_norm:
+            return MetaStep(step_pymeta, params, lambda: "one batch")
+        return MetaStep(step_pymeta, params, lambda: model.strategy)
 
     def step() -> None:
         _zero_grads(params)
@@ -563,12 +585,13 @@ def protonet_logits(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     batch_norm: bool = True,
+    strategy: str = "auto",
 ) -> Tensor:
     """The ``[T, Q, N]`` logits (no gradient) of ``peer``'s ProtoNet on the episodes and
     encoder of :func:`conv4_protonet` with the same arguments."""
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
-    _, logits = _protonet_model(peer, encoder)
+    _, logits = _protonet_model(peer, encoder, strategy)
     with torch.no_grad():
         return logits(data.support_x, data.support_y, data.query_x)
 
@@ -673,14 +696,20 @@ class Workload:
 
 
 def parse_peer(name: str) -> tuple[str, dict[str, Any]]:
-    """Split a peer name with a pymeta strategy: ``"pymeta[loop]"`` ->
-    ``("pymeta", {"strategy": "loop"})``; other names -> ``(name, {})``."""
-    if name.endswith("]") and "[" in name:
-        base, strategy = name[:-1].split("[", 1)
-        if base != "pymeta":
-            raise PeerUnavailable(name, "only pymeta takes a [strategy] suffix")
-        return base, {"strategy": strategy}
-    return name, {}
+    """Split a pymeta peer name with options: ``"pymeta[loop]"`` ->
+    ``("pymeta", {"strategy": "loop"})``, ``"pymeta[lowered,task_chunk=1]"`` ->
+    ``("pymeta", {"strategy": "lowered", "task_chunk": 1})``; a bare word is the strategy,
+    ``key=value`` an integer option of the builder. Other names -> ``(name, {})``."""
+    if not (name.endswith("]") and "[" in name):
+        return name, {}
+    base, inside = name[:-1].split("[", 1)
+    if base != "pymeta":
+        raise PeerUnavailable(name, "only pymeta takes [options]")
+    options: dict[str, Any] = {}
+    for item in filter(None, inside.split(",")):
+        key, sep, value = item.partition("=")
+        options.update({key: int(value)} if sep else {"strategy": item})
+    return base, options
 
 
 _MAML_PEERS = ("pymeta", "learn2learn", "higher", "torch.func")
@@ -692,10 +721,17 @@ WORKLOADS: dict[str, Workload] = {
                  "sinusoid MLP 1-40-40-1, 25 tasks, 10+10 shots, 2nd-order MAML, 1 step"),
         Workload("sinusoid-maml-5step", sinusoid_maml, {"steps": 5}, _MAML_PEERS,
                  "sinusoid MLP 1-40-40-1, 25 tasks, 10+10 shots, 2nd-order MAML, 5 steps"),
-        Workload("conv4-maml-2nd", conv4_maml, {"first_order": False}, _MAML_PEERS,
+        # pymeta on conv4: meta_loss with one task per chunk, learn2learn's memory footprint
+        # (on CPU the per-task loop is the faster strategy anyway, so it costs no speed).
+        Workload("conv4-maml-2nd", conv4_maml, {"first_order": False, "task_chunk": 1}, _MAML_PEERS,
                  "5-way 1-shot 28x28, 15 queries/class, conv4, 32 tasks, 2nd-order MAML"),
-        Workload("conv4-maml-1st", conv4_maml, {"first_order": True}, _MAML_PEERS,
+        Workload("conv4-maml-1st", conv4_maml, {"first_order": True, "task_chunk": 1}, _MAML_PEERS,
                  "5-way 1-shot 28x28, 15 queries/class, conv4, 32 tasks, 1st-order MAML"),
+        # Long inner loops: memory/time of pymeta[checkpoint_steps=1] vs plain, per step count.
+        Workload("conv4-maml-5step", conv4_maml, {"steps": 5, "task_chunk": 1}, ("pymeta", "learn2learn"),
+                 "conv4 as above, 2nd-order MAML, 5 inner steps"),
+        Workload("conv4-maml-10step", conv4_maml, {"steps": 10, "task_chunk": 1}, ("pymeta", "learn2learn"),
+                 "conv4 as above, 2nd-order MAML, 10 inner steps"),
         Workload("conv4-protonet", conv4_protonet, {}, ("pymeta", "easyfsl"),
                  "5-way 1-shot 28x28, 15 queries/class, conv4 encoder, 32 tasks, ProtoNet"),
         Workload("sinusoid-metasgd-1step", sinusoid_metasgd, {"steps": 1}, _MAML_PEERS,

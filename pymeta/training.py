@@ -606,7 +606,7 @@ def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
 def _protonet(config: TrainConfig, spec: DataSpec) -> nn.Module:
     from pymeta.algorithms import ProtoNet
 
-    return ProtoNet(backbone(config, spec, n_out=None))
+    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy)
 
 
 def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:

@@ -15,6 +15,7 @@ from helpers import (
 from torch import nn
 
 import pymeta
+from pymeta import training
 
 
 def conv_bn_features() -> nn.Module:
@@ -56,16 +57,38 @@ def test_meta_gradient_matches_per_task_reference(case, steps, strategy, first_o
     assert err < 1e-10 and feature_err < 1e-10
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_features_run_once_per_episode_and_running_stats_untouched(case):
-    anil, (sx, sy, qx, _) = build(case, steps=3)
+def test_features_run_once_per_episode_and_running_stats_untouched(case, strategy):
+    """Features are computed once per episode (not per inner step) on each task's support
+    and query together: one call on all tasks' examples without BatchNorm, with BatchNorm
+    one vmapped call or one call per task (the "loop" strategy)."""
+    anil, (sx, sy, qx, _) = build(case, steps=3, strategy=strategy)
     calls = []
-    anil.features.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    anil.features.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     before = {n: b.clone() for n, b in anil.features.named_buffers()}
     anil.episode(sx, sy, qx)
-    assert len(calls) == 1
+    tasks, examples = sx.shape[0], sx.shape[1] + qx.shape[1]
+    if case == "mlp":
+        assert calls == [tasks * examples]
+    else:
+        assert calls == ([examples] if strategy == "vmap" else [examples] * tasks)
     for name, buffer in anil.features.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_strategy_pickers_of_head_and_features_are_checkpointed():
+    """"auto" picks the head's inner-loop strategy and, with BatchNorm in the features,
+    the embedding's, separately; training checkpoints record both pickers by name."""
+    anil, (sx, sy, qx, _) = build("conv_bn")
+    pickers = training._strategy_pickers(anil)
+    assert pickers == {"head._picker": anil.head._picker, "_embed_picker": anil._embed_picker}
+    for _ in range(20):
+        if all(p.chosen is not None for p in pickers.values()):
+            break
+        anil.episode(sx, sy, qx)
+    assert all(p.chosen in ("lowered", "vmap", "loop") for p in pickers.values())
+    assert set(training._strategy_pickers(build("mlp")[0])) == {"head._picker"}  # no BatchNorm: no choice
 
 
 def test_learns_and_state_dict_round_trips():

@@ -1,5 +1,7 @@
 """Batched MAML: meta-gradients equal a float64 per-task reference, strategies agree."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from helpers import (
 )
 
 import pymeta
+from pymeta.core.batched import StrategyPicker
 
 CASES = {
     "mlp": (lambda: mlp(), regression_episode, F.mse_loss, 0.05),
@@ -59,7 +62,7 @@ def test_strategies_give_identical_predictions_and_auto_settles():
     torch.testing.assert_close(preds["lowered"], preds["loop"], rtol=1e-12, atol=1e-12)
     auto = pymeta.MAML(model, lr=0.05)
     assert auto.strategy is None
-    for _ in range(6):
+    for _ in range(7):  # warm-up + 3 trials of each candidate at most
         torch.testing.assert_close(auto.episode(sx, sy, qx), preds["vmap"], rtol=1e-12, atol=1e-12)
     assert auto.strategy in ("lowered", "loop")  # an MLP lowers, so vmap is not a candidate
 
@@ -99,3 +102,25 @@ def test_trains_with_any_optimizer_and_state_dict_round_trips():
     other = pymeta.MAML(mlp().double(), lr=0.05)
     other.load_state_dict(maml.state_dict())
     torch.testing.assert_close(other.episode(sx, sy, qx), maml.episode(sx, sy, qx))
+
+
+def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candidate():
+    picker = StrategyPicker("auto", trials=3, candidates=("lowered", "loop"))
+    cost = {"lowered": 0.03, "loop": 0.001}
+    order = []
+    while picker.chosen is None:
+        with picker.timed() as strategy:
+            order.append(strategy)
+            time.sleep(cost[strategy])
+    # warm-up (untimed), one timed call each, then the 30x slower one is dropped
+    assert order == ["lowered", "lowered", "loop"] and picker.chosen == "loop"
+    close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"))
+    order = []
+    while close.chosen is None:
+        with close.timed() as strategy:
+            order.append(strategy)
+            time.sleep({"vmap": 0.004, "loop": 0.005}[strategy])
+    assert order == ["vmap", "vmap", "loop", "vmap", "loop"] and close.chosen == "vmap"
+    fixed = StrategyPicker("loop")
+    with fixed.timed() as strategy:
+        assert strategy == "loop" and fixed.chosen == "loop"

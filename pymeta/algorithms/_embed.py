@@ -1,24 +1,96 @@
-"""Shared-weight embedding of every task of an episode at once (ANIL, ProtoNet, FineTune)."""
+"""Shared-weight embedding of every task of an episode at once (ANIL, ProtoNet, FineTune).
+
+The embedding network runs with its own weights (no per-task fast weights), so without
+BatchNorm the tasks are independent and the examples of all tasks are flattened into one
+batch ``[T * B, ...]``: one call, at full speed, on any device, nothing to choose.
+
+With BatchNorm the episode policy of :mod:`pymeta.core.norms` applies: each task is
+normalised with the statistics of its own batch and running statistics stay untouched.
+That needs a task-batched execution strategy (:class:`pymeta.core.batched.TaskBatched`),
+and which is fastest depends on the model and the device: on a 2-core CPU a per-task
+``"loop"`` embeds the conv4 backbone (32 tasks x 80 images, forward and backward) about
+8x faster than ``vmap`` (whose folded ``[T * B, 64, 28, 28]`` activations make BatchNorm
+and max-pooling slow there) and about 2x faster than ``"lowered"``; on a GPU one big
+batched call is what fills the device. ``strategy="auto"`` therefore times the
+candidates on the first episodes (:class:`pymeta.core.batched.StrategyPicker`) and keeps
+the fastest; the learner stores the picker as an attribute so training checkpoints
+record and restore the choice (``pymeta.training``).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from pymeta.core.batched import TaskBatched
+from pymeta.core.batched import StrategyPicker, TaskBatched, check_strategy
 from pymeta.core.norms import has_batch_norm
 
+# How BatchNorm batches the support and query examples of a task (ProtoNet's ``batch_stats``).
+BATCH_STATS = ("joint", "separate")
 
-def embed(module: nn.Module, x: Tensor) -> Tensor:
-    """Run ``module`` with its own weights on all tasks: ``x: [T, B, ...]`` -> ``[T, B, ...]``.
 
-    Without BatchNorm the tasks are independent given shared weights, so the examples
-    are flattened to one batch ``[T * B, ...]`` and the module runs once, at full speed.
-    With BatchNorm, the episode policy of :mod:`pymeta.core.norms` applies: each task is
-    normalised with its own batch statistics (here over all B examples the caller
-    passes, e.g. support and query together) and running statistics stay untouched.
-    ``vmap`` over tasks does that; with unbatched weights it still runs one plain kernel
-    per layer (the task dim folds into the batch dim), so there is no loop to pick.
+def embedding_picker(batched: TaskBatched, strategy: str) -> StrategyPicker | None:
+    """The strategy picker for embedding with ``batched.module``'s own weights.
+
+    ``strategy`` is checked (``"auto"`` or a concrete strategy). ``None`` when the module
+    has no BatchNorm: :func:`embed` then flattens the tasks into one batch whatever the
+    strategy, so there is nothing to choose (or to record in a checkpoint).
     """
-    if has_batch_norm(module):
-        return TaskBatched(module).forward({}, x, "vmap")
+    check_strategy(strategy)
+    if not has_batch_norm(batched.module):
+        return None
+    return batched.picker(strategy)
+
+
+def embed(batched: TaskBatched, x: Tensor, strategy: str) -> Tensor:
+    """Run ``batched.module`` with its own weights on all tasks: ``x: [T, B, ...]`` -> ``[T, B, ...]``.
+
+    Without BatchNorm: one call on the flattened ``[T * B, ...]`` batch (``strategy`` is
+    ignored). With BatchNorm: ``batched.forward({}, x, strategy)`` (a concrete strategy),
+    each task normalised with the statistics of its B examples.
+    """
+    if not has_batch_norm(batched.module):
+        return _flat(batched.module, x)
+    return batched.forward({}, x, strategy)
+
+
+def _flat(module: nn.Module, x: Tensor) -> Tensor:
+    """``module`` on the examples of all tasks as one batch: ``[T, B, ...]`` -> ``[T, B, ...]``."""
     return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def embed_episode(
+    batched: TaskBatched,
+    picker: StrategyPicker | None,
+    support_x: Tensor,
+    query_x: Tensor,
+    batch_stats: str = "joint",
+) -> tuple[Tensor, Tensor]:
+    """Embeddings of every task's support and query examples.
+
+    Args:
+        batched: the embedding network (``TaskBatched(module)``).
+        picker: its :func:`embedding_picker` (``None``: the network has no BatchNorm).
+        support_x: ``[T, S, ...]``.
+        query_x: ``[T, Q, ...]`` (same trailing shape as ``support_x``).
+        batch_stats: where BatchNorm takes each task's statistics: ``"joint"`` over its
+            support and query examples together (one batch of S + Q), ``"separate"``
+            over its support examples for the support embeddings and over its query
+            examples for the query embeddings (two batches). Without BatchNorm both are
+            the same function and the examples of all tasks run as one batch.
+
+    Returns:
+        ``([T, S, ...], [T, Q, ...])`` embeddings.
+    """
+    shots = support_x.shape[1]
+    if picker is None or batch_stats == "joint":
+        x = torch.cat([support_x, query_x], dim=1)
+        if picker is None:
+            z = _flat(batched.module, x)
+        else:
+            with picker.timed() as strategy:
+                z = embed(batched, x, strategy)
+        return z[:, :shots], z[:, shots:]
+    with picker.timed() as strategy:
+        return embed(batched, support_x, strategy), embed(batched, query_x, strategy)
+

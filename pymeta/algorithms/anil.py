@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from pymeta import _validate
-from pymeta.algorithms._embed import embed
+from pymeta.algorithms._embed import embed_episode, embedding_picker
 from pymeta.algorithms.maml import MAML, default_loss
-from pymeta.core.batched import LossFn
+from pymeta.core.batched import LossFn, TaskBatched
 
 
 class ANIL(nn.Module):
@@ -31,12 +30,15 @@ class ANIL(nn.Module):
         steps: inner SGD steps on the head.
         first_order: drop second-order terms of the inner loop.
         loss_fn: inner-loop loss; default cross-entropy for integer labels, else MSE.
-        strategy: execution strategy of the head's inner loop (see :class:`MAML`).
+        strategy: execution strategy (see :class:`MAML`) of the head's inner loop and,
+            when ``features`` has BatchNorm, of the feature embedding (``"auto"`` picks
+            for each separately).
         check_finite: raise on a NaN/inf inner loss or gradient (see :class:`MAML`).
 
     BatchNorm in ``features`` normalises each task with the statistics of its support
     and query examples together, running statistics untouched
-    (:func:`pymeta.algorithms._embed.embed`); BatchNorm in ``head`` follows MAML's policy.
+    (:func:`pymeta.algorithms._embed.embed_episode`); BatchNorm in ``head`` follows
+    MAML's policy.
     """
 
     def __init__(
@@ -58,6 +60,9 @@ class ANIL(nn.Module):
         self.head = MAML(
             head, lr, first_order, steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite
         )
+        self._embedder = TaskBatched(features)
+        # None without BatchNorm in features (nothing to choose); checkpointed otherwise.
+        self._embed_picker = embedding_picker(self._embedder, strategy)
 
     @property
     def steps(self) -> int:
@@ -88,6 +93,5 @@ class ANIL(nn.Module):
             support_x, support_y, query_x,
             classification=_validate.is_classification_loss(loss_fn), model=self.features,
         )
-        shots = support_x.shape[1]
-        feats = embed(self.features, torch.cat([support_x, query_x], dim=1))
-        return self.head.episode(feats[:, :shots], support_y, feats[:, shots:])
+        support, query = embed_episode(self._embedder, self._embed_picker, support_x, query_x)
+        return self.head.episode(support, support_y, query)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate
-from pymeta.algorithms._embed import embed
+from pymeta.algorithms._embed import embed_episode, embedding_picker
 from pymeta.algorithms.maml import check_lr
 from pymeta.core.batched import FastWeights, TaskBatched
 from pymeta.core.inner_loop import inner_loop
@@ -43,12 +42,14 @@ class FineTune(nn.Module):
         base_classes: number of pre-training classes (outputs of ``classifier``).
         feature_dim: size of the flattened encoder output; default
             ``encoder.out_features`` (set by the backbones of :mod:`pymeta.models`).
-        strategy: execution strategy of the fine-tuning loop (see :class:`pymeta.MAML`).
+        strategy: execution strategy (see :class:`pymeta.MAML`) of the fine-tuning loop
+            and, when the frozen encoder has BatchNorm, of its embedding (``"auto"``
+            picks for each separately).
         check_finite: raise on a NaN/inf fine-tuning loss or gradient (see :class:`pymeta.MAML`).
 
     BatchNorm in ``encoder`` (inside ``episode`` only): per-task batch statistics,
     running statistics untouched; the frozen encoder normalises support and query of a
-    task together (:func:`pymeta.algorithms._embed.embed`), an adapted one follows
+    task together (:func:`pymeta.algorithms._embed.embed_episode`), an adapted one follows
     MAML's policy (support and query batches separately).
     """
 
@@ -88,6 +89,10 @@ class FineTune(nn.Module):
         self._head = TaskBatched(head)
         self._network = TaskBatched(nn.Sequential(encoder, nn.Flatten(), head))
         self._picker = (self._network if self.finetune_encoder else self._head).picker(strategy)
+        # The frozen encoder's embedding (finetune_encoder=False only): its strategy
+        # picker is None without BatchNorm (one flat batch), else checkpointed.
+        self._embedder = TaskBatched(encoder)
+        self._embed_picker = None if self.finetune_encoder else embedding_picker(self._embedder, strategy)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pre-training logits over the base classes: ``[B, ...] -> [B, base_classes]``."""
@@ -119,9 +124,8 @@ class FineTune(nn.Module):
             weights = {**batched.expand(batched.meta_parameters(), num_tasks), **self._zero_head(x, num_tasks, "2.")}
         else:
             # The encoder is fixed: embed once, then only the head runs in the loop.
-            shots = support_x.shape[1]
-            feats = embed(self.encoder, torch.cat([support_x, query_x], dim=1)).flatten(2)
-            batched, x, qx = self._head, feats[:, :shots], feats[:, shots:]
+            support, query = embed_episode(self._embedder, self._embed_picker, support_x, query_x)
+            batched, x, qx = self._head, support.flatten(2), query.flatten(2)  # [T, S, D], [T, Q, D]
             weights = self._zero_head(x, num_tasks, "")
         with self._picker.timed() as strategy:
             weights = inner_loop(

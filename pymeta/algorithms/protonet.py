@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from pymeta import _validate, ops
-from pymeta.algorithms._embed import embed
+from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
+from pymeta.core.batched import TaskBatched
 from pymeta.ops.proto_logits import METRICS
 
 
@@ -18,25 +18,51 @@ class ProtoNet(nn.Module):
         metric: ``"sqeuclidean"`` (``-||q - p||^2``, the paper), ``"euclidean"``
             (``-||q - p||``, easyfsl) or ``"cosine"`` (cosine similarity), see
             :func:`pymeta.ops.proto_logits`.
+        batch_stats: which examples BatchNorm in ``encoder`` takes a task's statistics
+            over (inside ``episode``; without BatchNorm both give the same logits):
 
-    ``episode`` embeds the support and query examples of all tasks in one call, takes the
-    prototypes with :func:`pymeta.ops.prototypes` and the logits with
-    :func:`pymeta.ops.proto_logits`; train with cross-entropy of the logits against the
-    query labels. BatchNorm in ``encoder`` normalises each task with the statistics of
-    its support and query examples together, running statistics untouched
-    (:func:`pymeta.algorithms._embed.embed`).
+            * ``"joint"`` (default): the task's support and query examples together, one
+              encoder batch of S + Q (the original ProtoNet code; transductive: a
+              query's embedding depends on the other queries and on the support set).
+            * ``"separate"``: the support examples for the support embeddings, the query
+              examples for the query embeddings, two encoder batches of S and Q
+              (easyfsl's ``process_support_set(support)`` then ``forward(query)``).
+        strategy: how the encoder runs on all tasks when it has BatchNorm: ``"auto"``
+            (time the candidates on the first episodes and keep the fastest),
+            ``"vmap"``, ``"loop"`` (one encoder call per task and batch, the fastest
+            for conv nets on CPU) or ``"lowered"``, as for :class:`pymeta.MAML`. All give
+            the same logits and gradients. Without BatchNorm the examples of all tasks
+            always run as one batch and ``strategy`` is only checked.
+
+    ``episode`` embeds the support and query examples of all tasks, takes the prototypes
+    with :func:`pymeta.ops.prototypes` and the logits with :func:`pymeta.ops.proto_logits`;
+    train with cross-entropy of the logits against the query labels. BatchNorm in
+    ``encoder`` uses per-task batch statistics (see ``batch_stats``), running statistics
+    untouched (:mod:`pymeta.core.norms`).
 
     The number of classes N is inferred per episode as ``support_y.max() + 1``: labels
     are ``0..N-1`` and every class needs a support example in every task (checked; this
     reads the labels, one device sync on GPU).
     """
 
-    def __init__(self, encoder: nn.Module, metric: str = "sqeuclidean") -> None:
+    def __init__(
+        self, encoder: nn.Module, metric: str = "sqeuclidean", *, batch_stats: str = "joint", strategy: str = "auto"
+    ) -> None:
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
         self.encoder = encoder
         self.metric = _validate.choice("metric", metric, METRICS)
+        self.batch_stats = _validate.choice("batch_stats", batch_stats, BATCH_STATS)
+        self._embedder = TaskBatched(encoder)
+        # None without BatchNorm (nothing to choose); a checkpointed attribute otherwise.
+        self._picker = embedding_picker(self._embedder, strategy)
+
+    @property
+    def strategy(self) -> str | None:
+        """The encoder's execution strategy: None while ``"auto"`` is still measuring, and
+        None when the encoder has no BatchNorm (all tasks run as one batch)."""
+        return None if self._picker is None else self._picker.chosen
 
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings of one batch: ``[B, ...] -> [B, ...]``."""
@@ -58,7 +84,6 @@ class ProtoNet(nn.Module):
         _validate.class_counts(support_y, n_way, "support_y")
         if n_way < 2:
             raise ValueError(f"support_y must hold at least 2 classes (labels 0..N-1), got only class {n_way - 1}")
-        shots = support_x.shape[1]
-        emb = embed(self.encoder, torch.cat([support_x, query_x], dim=1)).flatten(2)
-        protos = ops.prototypes(emb[:, :shots], support_y, n_way)
-        return ops.proto_logits(emb[:, shots:], protos, self.metric)
+        support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
+        protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
+        return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]

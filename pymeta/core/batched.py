@@ -51,17 +51,27 @@ def check_strategy(strategy: str) -> str:
 class StrategyPicker:
     """Chooses the faster concrete strategy by timing the first calls of each.
 
-    ``trials`` calls per candidate run interleaved (vmap, loop, vmap, loop, ...) so a
-    noisy machine affects all alike; the median decides and the choice is then fixed.
-    ``candidates`` are the concrete strategies "auto" chooses from.
+    The first call is a warm-up (one-time costs: lazy initialisation, allocator growth),
+    then ``trials`` calls per candidate run interleaved (vmap, loop, vmap, loop, ...) so
+    a noisy machine affects all alike; the median decides and the choice is then fixed.
+    A candidate whose first timed call took more than ``drop_ratio`` times the fastest
+    one's is dropped at once (a 2x-slower conv strategy is not worth two more seconds-long
+    trials). ``candidates`` are the concrete strategies "auto" chooses from. On GPU the
+    timed block is bracketed by ``torch.cuda.synchronize()`` so kernels are counted.
     """
 
     def __init__(
-        self, strategy: str = "auto", trials: int = 3, candidates: tuple[str, ...] = ("vmap", "loop")
+        self,
+        strategy: str = "auto",
+        trials: int = 3,
+        candidates: tuple[str, ...] = ("vmap", "loop"),
+        drop_ratio: float = 2.0,
     ) -> None:
         self.strategy = check_strategy(strategy)
         self.trials = trials
+        self.drop_ratio = drop_ratio
         self._times: dict[str, list[float]] = {name: [] for name in candidates}
+        self._warmed_up = False
         self.chosen: str | None = None if strategy == "auto" else strategy
 
     def next(self) -> str:
@@ -73,14 +83,32 @@ class StrategyPicker:
     def timed(self) -> Iterator[str]:
         """Yield the strategy to use now; if still measuring, time the block for it."""
         strategy = self.next()
-        if self.chosen is not None:
+        if self.chosen is not None or not self._warmed_up:
+            self._warmed_up = True
             yield strategy
             return
+        _synchronize()
         start = time.perf_counter()
         yield strategy
+        _synchronize()
         self._times[strategy].append(time.perf_counter() - start)
-        if all(len(t) >= self.trials for t in self._times.values()):
-            self.chosen = min(self._times, key=lambda name: statistics.median(self._times[name]))
+        self._decide()
+
+    def _decide(self) -> None:
+        times = self._times
+        if any(not t for t in times.values()):
+            return
+        fastest_first = min(t[0] for t in times.values())
+        for name in [n for n, t in times.items() if t[0] > self.drop_ratio * fastest_first]:
+            del times[name]
+        if len(times) == 1 or all(len(t) >= self.trials for t in times.values()):
+            self.chosen = min(times, key=lambda name: statistics.median(times[name]))
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA kernels (no-op unless CUDA is in use)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class TaskBatched:

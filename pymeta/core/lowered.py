@@ -117,14 +117,15 @@ def _linear(module: nn.Linear, prefix: str) -> Layer:
         if weight.dim() == 2:  # shared weight: one plain matmul over all tasks
             out = F.linear(x, weight)
             return out if bias is None else out + _bias_view(bias, out)
-        # x: [T, B, ..., in] @ [T, in, out], the bias folded into the same kernel.
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        # x: [T, B, ..., in] @ [T, in, out], the bias folded into the same kernel. Every
+        # view op here is dispatched again in backward: skip the reshapes when x is 3-D.
+        rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         if bias is None:
             out = torch.bmm(rows, weight.transpose(1, 2))
         else:
             bias = _per_task(bias, 1, x.shape[0])
             out = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
-        return out.view(*x.shape[:-1], weight.shape[1])
+        return out if x.dim() == 3 else out.view(*x.shape[:-1], weight.shape[1])
 
     return linear
 

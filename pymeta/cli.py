@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pymeta import __version__, checkpoint, distributed, training
+from pymeta.core.batched import STRATEGIES
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-lr", type=float, help="inner-loop learning rate")
     p.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-parameters")
     p.add_argument("--first-order", action="store_true", help="first-order MAML (drop second-order terms)")
-    p.add_argument("--strategy", default=defaults.strategy, choices=["auto", "vmap", "loop"],
+    p.add_argument("--strategy", default=defaults.strategy, choices=list(STRATEGIES),
                    help="batched execution strategy (default: %(default)s, measured on the first steps)")
+    p.add_argument("--task-chunk", type=int, metavar="K",
+                   help="maml/fomaml/metasgd: meta-gradient K tasks at a time (memory of K tasks' graphs)")
+    p.add_argument("--checkpoint-steps", action="store_true",
+                   help="maml/metasgd, second order: recompute inner steps in backward (memory for long loops)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--val-every", type=int, help="validate every N steps (default: 10 times per run)")
     p.add_argument("--val-episodes", type=int, default=defaults.val_episodes, help="validation tasks")

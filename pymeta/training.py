@@ -101,6 +101,10 @@ class TrainConfig:
     # Raise on NaN/inf in inner-loop losses and gradients and in the meta-loss and
     # meta-gradients (one sync per step), instead of corrupting the meta-parameters.
     check_finite: bool = True
+    # MAML / FOMAML / Meta-SGD memory options (see pymeta.MAML): take the meta-gradient
+    # task_chunk tasks at a time; recompute second-order inner steps in backward.
+    task_chunk: int | None = None
+    checkpoint_steps: bool = False
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from the dataset's defaults."""
@@ -109,6 +113,11 @@ class TrainConfig:
             raise ValueError(f"data must be one of {sorted(DATASETS)} or folder:PATH, got {self.data!r}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
+        memory_options = {"task_chunk": self.task_chunk is not None, "checkpoint_steps": self.checkpoint_steps}
+        if self.algo not in MEMORY_OPTION_ALGOS and any(memory_options.values()):
+            used = [name for name, on in memory_options.items() if on]
+            raise ValueError(f"{' and '.join(used)} only apply to algo {', '.join(MEMORY_OPTION_ALGOS)}, "
+                             f"got algo {self.algo!r}")
         defaults = {**DATA_DEFAULTS[kind], **ALGO_DEFAULTS.get(self.algo, {}).get(kind, {})}
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, default in defaults.items():
@@ -160,6 +169,9 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 # Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
+# Algorithms that take TrainConfig.task_chunk / checkpoint_steps (pymeta.MAML's options).
+MEMORY_OPTION_ALGOS = ("maml", "fomaml", "metasgd")
+
 ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # Reptile: several first-order steps on all of a task's examples (Nichol et al. 2018).
     "reptile": {"sinusoid": dict(inner_steps=5, inner_lr=0.02), "glyphs": dict(inner_steps=5, inner_lr=0.1)},
@@ -209,8 +221,15 @@ def meta_loss(learner: nn.Module, episode: Episode, loss_fn: Callable[[Tensor, T
 
 
 def episode_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
-    """The default outer step: query loss of the adapted learners, back-propagated."""
-    loss = meta_loss(learner, episode, spec.loss_fn)
+    """The default outer step: query loss of the adapted learners, back-propagated.
+
+    A learner with a ``task_chunk`` (MAML family) takes it chunk by chunk instead.
+    """
+    if getattr(learner, "task_chunk", None) is not None:
+        loss = learner.meta_loss(episode.support_x, episode.support_y, episode.query_x, episode.query_y,
+                                 loss_fn=spec.loss_fn)
+    else:
+        loss = meta_loss(learner, episode, spec.loss_fn)
     loss.backward()
     return loss.item()
 
@@ -565,6 +584,7 @@ def _maml(config: TrainConfig, spec: DataSpec) -> nn.Module:
     return MAML(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
         steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
+        checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
     )
 
 
@@ -578,6 +598,7 @@ def _metasgd(config: TrainConfig, spec: DataSpec) -> nn.Module:
     return MetaSGD(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
         steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
+        checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
     )
 
 

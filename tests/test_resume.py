@@ -133,3 +133,18 @@ def test_shuffled_batches_resume_exactly():
     for expected, actual in zip(first[2:], iter(again), strict=False):
         assert torch.equal(expected.x, actual.x) and torch.equal(expected.y, actual.y)
     assert stream.state_dict() == {"seed": 5, "batches": 4}
+
+
+def test_memory_options_train_the_same_model_and_are_refused_where_they_do_not_apply(tmp_path):
+    """--task-chunk / --checkpoint-steps change memory, not the trajectory (up to rounding)."""
+    runs = {
+        name: training.train(config(tmp_path, name, 4, inner_steps=2, **options), progress=False, log=quiet)
+        for name, options in {"plain": {}, "lean": {"task_chunk": 1, "checkpoint_steps": True}}.items()
+    }
+    for (name, a), b in zip(runs["plain"].learner.state_dict().items(), runs["lean"].learner.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert runs["lean"].learner.task_chunk == 1 and runs["lean"].learner.checkpoint_steps
+    with pytest.raises(ValueError, match=r"task_chunk and checkpoint_steps only apply to algo maml, fomaml, metasgd, "
+                                         r"got algo 'reptile'"):
+        config(tmp_path, "bad", 2, algo="reptile", task_chunk=2, checkpoint_steps=True).resolved()

@@ -64,6 +64,7 @@ class MAML(nn.Module):
             grows by one set of fast weights per step instead of one support graph;
             time grows by one support forward+backward per step. Same meta-gradients.
             Combine with :meth:`meta_loss`'s ``task_chunk`` to bound the query side too.
+        task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks).
 
     BatchNorm inside ``episode``: each task normalises with its own batch statistics
     (support batch in the inner loop, query batch for the prediction) and running
@@ -83,6 +84,7 @@ class MAML(nn.Module):
         strategy: str = "auto",
         check_finite: bool = False,
         checkpoint_steps: bool = False,
+        task_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -98,6 +100,7 @@ class MAML(nn.Module):
         self.loss_fn = loss_fn
         self.check_finite = bool(check_finite)
         self.checkpoint_steps = bool(checkpoint_steps)
+        self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
         self._batched = TaskBatched(model)
         self._picker = self._batched.picker(strategy)
         # Adapted weights of a clone (learn2learn API); None: the module's own parameters.
@@ -151,7 +154,8 @@ class MAML(nn.Module):
         Args:
             support_x, support_y, query_x: as for :meth:`episode`.
             query_y: ``[T, Q]`` labels or ``[T, Q, ...]`` targets.
-            task_chunk: tasks per chunk; ``None`` runs all T at once.
+            task_chunk: tasks per chunk; default: the constructor's ``task_chunk``
+                (``None``: all T at once).
             loss_fn: the query loss (default: the inner-loop loss).
 
         Returns:
@@ -171,7 +175,8 @@ class MAML(nn.Module):
             _validate.targets("query_y", pred, query_y[tasks], loss_fn)
             return self._batched.losses(loss_fn, pred, query_y[tasks], self._picker.chosen or "loop").sum()
 
-        return chunked_mean_loss(task_loss_sum, num_tasks, task_chunk, list(self.parameters()))
+        chunk = self.task_chunk if task_chunk is None else task_chunk
+        return chunked_mean_loss(task_loss_sum, num_tasks, chunk, list(self.parameters()))
 
     @property
     def strategy(self) -> str | None:

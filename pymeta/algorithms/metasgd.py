@@ -28,7 +28,7 @@ class MetaSGD(MAML):
         model: the network to meta-learn; its forward takes one batch ``[B, ...]``.
         lr: initial value of every learning rate (learn2learn's default, 1.0).
         first_order, allow_unused, allow_nograd, steps, loss_fn, strategy,
-            check_finite, checkpoint_steps: as in :class:`MAML`.
+            check_finite, checkpoint_steps, task_chunk: as in :class:`MAML`.
     """
 
     def __init__(
@@ -44,11 +44,12 @@ class MetaSGD(MAML):
         strategy: str = "auto",
         check_finite: bool = False,
         checkpoint_steps: bool = False,
+        task_chunk: int | None = None,
     ) -> None:
         super().__init__(
             model, lr, first_order, allow_unused, allow_nograd,
             steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite,
-            checkpoint_steps=checkpoint_steps,
+            checkpoint_steps=checkpoint_steps, task_chunk=task_chunk,
         )
         params = dict(model.named_parameters())
         self.lrs = nn.ParameterList(nn.Parameter(torch.full_like(p, self.lr)) for p in params.values())

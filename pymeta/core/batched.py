@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pymeta.core.lowered import Layer, NotLowerable, lower
-from pymeta.core.norms import EpisodeNorms, has_batch_norm
+from pymeta.core.norms import EpisodeFunctions, has_batch_norm, has_max_pool2d
 
 STRATEGIES = ("auto", "lowered", "vmap", "loop")
 FastWeights = dict[str, Tensor]
@@ -123,6 +123,7 @@ class TaskBatched:
         # BatchNorm follows the episode policy of pymeta.core.norms; models without it
         # skip the function-mode overhead.
         self._norms = has_batch_norm(module)
+        self._max_pool = has_max_pool2d(module)
         self._lowered: Layer | NotLowerable | None = None  # built on first use
 
     def lowered(self) -> Layer:
@@ -162,8 +163,12 @@ class TaskBatched:
         """Initial fast weights: each parameter viewed as ``[T, *shape]`` (no copy)."""
         return {n: p.unsqueeze(0).expand(num_tasks, *p.shape) for n, p in params.items()}
 
-    def _norm_context(self) -> contextlib.AbstractContextManager:
-        return EpisodeNorms() if self._norms else contextlib.nullcontext()
+    def _function_mode(self, strategy: str) -> contextlib.AbstractContextManager:
+        """The :class:`EpisodeFunctions` this model needs under ``strategy``, if any."""
+        max_pool = self._max_pool and strategy == "loop"
+        if self._norms or max_pool:
+            return EpisodeFunctions(batch_norm=self._norms, max_pool=max_pool)
+        return contextlib.nullcontext()
 
     def forward(self, weights: FastWeights, x: Tensor, strategy: str) -> Tensor:
         """``weights: {name: [T, *shape]}``, ``x: [T, B, ...]`` -> ``[T, B, ...]``."""
@@ -172,7 +177,7 @@ class TaskBatched:
         # Buffers are read-only inside episodes: modules that bump a counter in place
         # (BatchNorm's num_batches_tracked) get a private copy.
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        with self._norm_context():
+        with self._function_mode(strategy):
             if strategy == "vmap":
 
                 def one_task(w: FastWeights, xt: Tensor) -> Tensor:

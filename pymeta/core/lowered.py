@@ -15,7 +15,8 @@ layer                                      batched form (x: ``[T, B, ...]``)
                                            of :mod:`pymeta.core.norms`), tasks folded
                                            into channels, running stats untouched
 ``nn.LayerNorm``                           normalise, then per-task affine
-pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim
+pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim (max-pool via
+                                           :func:`pymeta.ops.max_pool2d`)
 elementwise activations                    unchanged (shape-agnostic)
 =========================================  ==============================================
 
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pymeta.ops.max_pool2d import max_pool2d
+
 # weights: fast weights {name: [T, *shape]}; x: [T, B, ...] -> [T, B, ...]
 Layer = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -45,7 +48,7 @@ ELEMENTWISE = (
 )
 # Modules that take one [B, C, ...] batch and treat examples independently.
 PER_EXAMPLE = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.MaxPool1d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
 
@@ -203,10 +206,18 @@ def _layer_norm(module: nn.LayerNorm, prefix: str) -> Layer:
     return layer_norm
 
 
+def _max_pool2d(module: nn.MaxPool2d, prefix: str) -> Layer:
+    options = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+               module.return_indices)  # fmt: skip
+    # pymeta's max_pool2d: F.max_pool2d's results with a faster CPU path.
+    return lambda weights, x: max_pool2d(x.flatten(0, 1), *options).unflatten(0, x.shape[:2])
+
+
 LOWERINGS: dict[type[nn.Module], Callable[[nn.Module, str], Layer]] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv2d,
     nn.BatchNorm1d: _batch_norm,
     nn.BatchNorm2d: _batch_norm,
     nn.LayerNorm: _layer_norm,
+    nn.MaxPool2d: _max_pool2d,
 }

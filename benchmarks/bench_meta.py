@@ -12,10 +12,17 @@ Measured per workload and library:
   takes ``Timer.blocked_autorange`` for steps shorter than ``--min-run-time``, else one
   call timed with ``perf_counter`` (blocked_autorange would spend an extra call sizing its
   blocks, ``Timer.timeit`` two warm-up calls). Speed-ups are medians of the per-round ratios (paired, noise cancels).
+  On CUDA both paths wait for the GPU: ``Timer`` synchronizes around its measurements
+  whenever an accelerator is available, the ``perf_counter`` path calls
+  ``torch.cuda.synchronize()`` before and after the call.
 * dispatched ATen ops per meta-step (``TorchDispatchMode``; a custom op such as
-  ``pymeta::inner_sgd`` counts as one), peak tensor memory of one meta-step, FLOPs
-  (``FlopCounterMode``, matmul/conv only) and the achieved fraction of this machine's fp32
-  matmul peak (a large ``torch.mm`` timed in the same run).
+  ``pymeta::inner_sgd`` counts as one), peak tensor memory of one meta-step (on CUDA:
+  ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before
+  it), FLOPs (``FlopCounterMode``, matmul/conv only) and the achieved fraction of the fp32
+  matmul peak (a large ``torch.mm`` timed in the same run, on the same device).
+* kernels: CUDA kernels launched by one meta-step (``torch.profiler`` device-side
+  ``"kernel"`` events; memcpy/memset not counted, see ``measure.count_kernel_launches``),
+  ``n/a`` on CPU.
 * correctness: every library's meta-gradient against learn2learn's (float32; for
   conv4 second order also float64, with pymeta's ``vmap`` and ``loop`` strategies, where
   torch.func is known to be wrong through BatchNorm), and ProtoNet logits against
@@ -30,8 +37,13 @@ library (log scale, ``benchmarks/results/meta.png``), the goal lines of the issu
 (measured ratio vs goal), and the table, printed last.
 
     python benchmarks/bench_meta.py [--workloads a b conv4-protonet ...] [--repeats N]
-        [--threads N] [--quick] [--tasks T] [--out-dir DIR]
+        [--threads N] [--quick] [--tasks T] [--device {cpu,cuda}] [--out-dir DIR]
     pymeta bench meta [same arguments]
+
+``--device cuda`` puts every library's data and model on the current CUDA device (the
+same numbers as on CPU: data and weights are generated on the CPU from fixed seeds, then
+moved); without a CUDA device visible to torch it exits with an error, never falling back
+to the CPU.
 
 Peers need their own venv (``benchmarks/README.md``); with any other Python they are
 reported as skipped and pymeta and torch.func still run.
@@ -59,7 +71,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from measure import RESULTS, StepMeasures, flops, matmul_peak_flops, measure_all, write_csv
+from measure import (
+    RESULTS,
+    StepMeasures,
+    count_kernel_launches,
+    flops,
+    matmul_peak_flops,
+    measure_all,
+    synchronize,
+    write_csv,
+)
 from peers import (
     WORKLOADS,
     MetaStep,
@@ -116,6 +137,7 @@ class Entry:
     times: list[float] = field(default_factory=list)  # one per round (None-free)
     rounds: list[int] = field(default_factory=list)  # the round of each time
     measures: StepMeasures | None = None
+    kernels: int | None = None  # CUDA kernel launches per meta-step; None on CPU
     grad: Tensor | None = None
     grad_check: str = ""
     grad_rel: float | None = None
@@ -167,7 +189,13 @@ def _default_tasks(workload: Workload) -> int:
     return int(inspect.signature(workload.builder).parameters["tasks"].default)
 
 
-def prepare(entry: Entry, warmup: int, self_check: bool = False, max_calls: int = 30) -> None:
+def prepare(
+    entry: Entry,
+    warmup: int,
+    self_check: bool = False,
+    max_calls: int = 30,
+    device: torch.device | str = "cpu",
+) -> None:
     """Warm up, measure and snapshot the gradient of ``entry`` before it is timed.
 
     1. ``warmup`` plain meta-steps; pymeta ``"auto"`` takes as many as it needs to settle
@@ -175,7 +203,12 @@ def prepare(entry: Entry, warmup: int, self_check: bool = False, max_calls: int 
     2. One call counting ATen ops and peak memory, one counting FLOPs
        (:func:`measure.measure_all`): these also warm up, and the faster of the two is an
        upper bound of the step time, which picks how rounds are timed (:func:`time_round`).
+       On CUDA, a third call counts kernel launches (:func:`measure.count_kernel_launches`).
     3. The meta-gradient left by the last call, for the gradient check.
+
+    The previous ``.grad`` fields are dropped before the measured calls (the step drops
+    them first anyway): on CUDA, where the peak is the allocator's reading relative to the
+    start of the call, they would otherwise be freed inside it and offset the figure.
     """
     assert entry.meta is not None
     meta = entry.meta
@@ -191,34 +224,48 @@ def prepare(entry: Entry, warmup: int, self_check: bool = False, max_calls: int 
             if meta.strategy() is None:
                 raise RuntimeError(f"pymeta chose no strategy in {max_calls} calls")
             entry.strategy = str(meta.strategy())
+        for p in meta.params:
+            p.grad = None
+        synchronize(device)
         start = time.perf_counter()
-        entry.measures = measure_all(meta.step, with_flops=False)
+        entry.measures = measure_all(meta.step, with_flops=False, device=device)
+        synchronize(device)
         mid = time.perf_counter()
         flop = flops(meta.step)
+        synchronize(device)
         end = time.perf_counter()
         entry.measures = entry.measures._replace(flops=flop)
+        entry.kernels = count_kernel_launches(meta.step, device)
         if self_check:
-            _self_check(meta.step, entry.measures)
+            _self_check(meta.step, entry.measures, device)
     except Exception as exc:
         entry.fail(exc)
         return
-    entry.warmup_calls = calls + 2
+    entry.warmup_calls = calls + 2 + (entry.kernels is not None)
     entry.estimate = min(mid - start, end - mid)
     entry.grad = flat_grad(meta.params).detach().clone()
 
 
-def time_round(entry: Entry, min_run_time: float, threads: int) -> float:
+def time_round(
+    entry: Entry, min_run_time: float, threads: int, device: torch.device | str = "cpu"
+) -> float:
     """One timing of a meta-step: ``Timer.blocked_autorange``'s median for steps shorter
     than ``min_run_time``; else one call timed with ``perf_counter``, garbage collection
     off as in ``timeit`` (``Timer.timeit(1)`` would run two untimed warm-up calls first,
-    and blocked_autorange one to size its blocks: 2-3x the cost of a multi-second step)."""
+    and blocked_autorange one to size its blocks: 2-3x the cost of a multi-second step).
+
+    On CUDA the work is asynchronous: ``Timer``'s clock synchronizes the device at every
+    reading whenever an accelerator is available, and the ``perf_counter`` path calls
+    ``torch.cuda.synchronize()`` before starting and before stopping the clock."""
     assert entry.meta is not None
     if entry.estimate >= min_run_time:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
+            synchronize(device)
             start = time.perf_counter()
             entry.meta.step()
+            synchronize(device)
             return time.perf_counter() - start
         finally:
             if gc_was_enabled:
@@ -254,7 +301,7 @@ def check_gradients(entries: list[Entry], reference: Entry | None) -> None:
         print(f"    {e.library:12s} max abs {err:.3e}, rel {e.grad_rel:.3e}  [{verdict}]")
 
 
-def check_float64(workload: Workload, tasks: int) -> list[str]:
+def check_float64(workload: Workload, tasks: int, device: torch.device | str = "cpu") -> list[str]:
     """Meta-gradients of learn2learn, higher, torch.func and pymeta (both concrete
     strategies) on ``workload`` with ``tasks`` tasks, in float64 against learn2learn's
     float64 (exactness), and in float32 against the same float64 reference (each
@@ -266,7 +313,7 @@ def check_float64(workload: Workload, tasks: int) -> list[str]:
     for lib in libs:
         for dtype in (torch.float64, torch.float32):
             try:
-                meta = workload.build(lib, dtype=dtype, tasks=tasks)
+                meta = workload.build(lib, dtype=dtype, tasks=tasks, device=device)
                 meta.step()
                 grads[(lib, dtype)] = flat_grad(meta.params).double()
             except PeerUnavailable as exc:
@@ -294,7 +341,9 @@ def check_float64(workload: Workload, tasks: int) -> list[str]:
     return lines
 
 
-def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
+def check_protonet_logits(
+    tasks: int, device: torch.device | str = "cpu"
+) -> tuple[list[str], dict[str, float]]:
     """pymeta ``ProtoNet(metric="euclidean", batch_stats="separate")`` logits vs easyfsl's,
     with the workload's BatchNorm encoder and with BatchNorm replaced by identity.
 
@@ -310,8 +359,9 @@ def check_protonet_logits(tasks: int) -> tuple[list[str], dict[str, float]]:
     for label, batch_norm in (("conv4 with BatchNorm", True), ("conv4, BatchNorm->Identity", False)):
         try:
             logits = {
-                (lib, dtype): protonet_logits(lib, tasks=tasks, batch_norm=batch_norm, dtype=dtype)
-                .double()
+                (lib, dtype): protonet_logits(
+                    lib, tasks=tasks, batch_norm=batch_norm, dtype=dtype, device=device
+                ).double()
                 for lib in ("pymeta", "easyfsl")
                 for dtype in (torch.float32, torch.float64)
             }
@@ -368,8 +418,10 @@ def baseline_name(workload: str) -> str:
     return "easyfsl" if workload == "conv4-protonet" else "learn2learn"
 
 
-def rows_for_csv(entries: list[Entry], peak: float, threads: int) -> list[dict[str, Any]]:
-    """One CSV row per (workload, library)."""
+def rows_for_csv(
+    entries: list[Entry], peak: float, threads: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """One CSV row per (workload, library); ``kernels`` is ``n/a`` on CPU."""
     by_key = {(e.workload, e.library): e for e in entries}
     rows = []
     for e in entries:
@@ -384,6 +436,7 @@ def rows_for_csv(entries: list[Entry], peak: float, threads: int) -> list[dict[s
             "status": e.status,
             "strategy": e.strategy,
             "tasks": e.tasks,
+            "device": device,
             "threads": threads,
             "rounds": len(e.times),
             "tasks_per_s": f"{e.tasks_per_s:.6g}" if timed else "",
@@ -396,6 +449,7 @@ def rows_for_csv(entries: list[Entry], peak: float, threads: int) -> list[dict[s
             "aten_ops": m.ops.total if m else "",
             "aten_ops_non_view": m.ops.non_view if m else "",
             "custom_ops": sum(n for k, n in m.ops.by_op.items() if "::" in k) if m else "",
+            "kernels": _kernels(e, device) if m else "",
             "peak_mib": f"{m.peak_bytes / 2**20:.4g}" if m else "",
             "mflop": f"{m.flops / 1e6:.6g}" if m else "",
             "fraction_of_matmul_peak": (
@@ -413,15 +467,24 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "" if x is None else format(x, spec)
 
 
-def print_table(entries: list[Entry], peak: float, threads: int) -> None:
+def _kernels(e: Entry, device: str) -> str:
+    """The kernels column: the count on CUDA, ``n/a`` on CPU (nothing to count)."""
+    if torch.device(device).type != "cuda":
+        return "n/a"
+    return "" if e.kernels is None else str(e.kernels)
+
+
+def print_table(entries: list[Entry], peak: float, threads: int, device: str = "cpu") -> None:
     """The results table (printed last)."""
     by_key = {(e.workload, e.library): e for e in entries}
     head = (f"{'workload':23s} {'library':12s} {'strategy':11s} {'tasks/s':>10s} {'ms/step':>9s} "
-            f"{'x base':>7s} {'ATen ops':>9s} {'non-view':>9s} {'peak MiB':>9s} {'MFLOP':>9s} "
-            f"{'%peak':>6s}  grad check")  # fmt: skip
-    print(f"\nmeta-step per library: median over {max((len(e.times) for e in entries), default=0)} "
+            f"{'x base':>7s} {'ATen ops':>9s} {'non-view':>9s} {'kernels':>8s} {'peak MiB':>9s} "
+            f"{'MFLOP':>9s} {'%peak':>6s}  grad check")  # fmt: skip
+    print(f"\nmeta-step per library on {device}: median over "
+          f"{max((len(e.times) for e in entries), default=0)} "
           f"interleaved rounds, {threads} thread(s); x base = speed-up over learn2learn "
-          f"(easyfsl for conv4-protonet), median of per-round ratios; %peak = achieved FLOP/s "
+          f"(easyfsl for conv4-protonet), median of per-round ratios; kernels = CUDA kernel "
+          f"launches per meta-step (n/a on CPU); %peak = achieved FLOP/s "
           f"/ fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
     print(head)
     print("-" * len(head))
@@ -442,6 +505,7 @@ def print_table(entries: list[Entry], peak: float, threads: int) -> None:
             f"{e.workload:23s} {e.library:12s} {e.strategy or '-':11s} {e.tasks_per_s:10.1f} "
             f"{1e3 * e.median:9.2f} {_fmt(ratio, '7.2f') or '-':>7s} "
             f"{m.ops.total if m else '-':>9} {m.ops.non_view if m else '-':>9} "
+            f"{_kernels(e, device) or '-':>8s} "
             f"{(f'{m.peak_bytes / 2**20:.2f}' if m else '-'):>9s} "
             f"{(f'{m.flops / 1e6:.1f}' if m else '-'):>9s} {_fmt(pct, '6.2f') or '-':>6s}  "
             f"{e.grad_check}"
@@ -619,9 +683,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="smoke run: few repeats, short timings, small matmul for the peak")
     p.add_argument("--self-check", action="store_true",
                    help="also verify that measure_all's stacked counts equal separate ones")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where data, models and the matmul-peak yardstick live (default cpu); "
+                        "cuda: the current CUDA device, also counts kernel launches")
     p.add_argument("--out-dir", type=Path, default=RESULTS,
                    help="where meta.csv and meta.png go (default: benchmarks/results)")
     args = p.parse_args(argv)  # fmt: skip
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --device cuda: no CUDA device visible to torch (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); run on a machine with a GPU, or "
+            "--device cpu"
+        )
     q = args.quick
     args.repeats = args.repeats if args.repeats is not None else (2 if q else 7)
     args.min_run_time = args.min_run_time if args.min_run_time is not None else (0.01 if q else 0.3)
@@ -636,13 +709,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    device = args.device
     workloads = resolve_workloads(args.workloads)
     overrides: dict[str, Any] = {} if args.tasks is None else {"tasks": args.tasks}
+    overrides["device"] = device
     started = time.perf_counter()
     load_before = os.getloadavg()
 
     print(f"python {platform.python_version()} ({sys.executable}), torch {torch.__version__}, "
           f"{threads} thread(s), {os.cpu_count()} CPUs")  # fmt: skip
+    device_name = "cpu"
+    if device == "cuda":
+        device_name = f"cuda ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})"
+    print(f"device: {device_name}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     for lib in ("pymeta", "learn2learn", "higher", "easyfsl"):
         try:
@@ -656,8 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n = 256 if args.quick else 2048
     peak_before = matmul_peak_flops(n, min_run_time=0.1 if args.quick else 0.5,
-                                    rounds=1 if args.quick else 3)  # fmt: skip
-    print(f"fp32 matmul peak (torch.mm {n}x{n}, best of medians): {peak_before / 1e9:.1f} GFLOP/s")
+                                    rounds=1 if args.quick else 3, device=device)  # fmt: skip
+    print(f"fp32 matmul peak (torch.mm {n}x{n} on {device}, best of medians): "
+          f"{peak_before / 1e9:.1f} GFLOP/s")  # fmt: skip
 
     entries: list[Entry] = []
     logit_diffs: dict[str, float] = {}
@@ -674,22 +754,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         for e in group:
             if e.ok:
-                prepare(e, args.warmup, args.self_check)
+                prepare(e, args.warmup, args.self_check, device=device)
                 if e.ok:
                     chosen = f", strategy {e.strategy}" if e.strategy else ""
-                    print(f"  {e.library:12s} {e.warmup_calls} warm-up calls (2 measured: "
-                          f"ops/memory, FLOPs), <= {1e3 * e.estimate:.1f} ms/step{chosen}",
-                          flush=True)  # fmt: skip
+                    measured = ("3 measured: ops/memory, FLOPs, kernels" if e.kernels is not None
+                                else "2 measured: ops/memory, FLOPs")
+                    print(f"  {e.library:12s} {e.warmup_calls} warm-up calls ({measured}), "
+                          f"<= {1e3 * e.estimate:.1f} ms/step{chosen}", flush=True)  # fmt: skip
         print(f"  (warm-up and measurements took {time.perf_counter() - t0:.1f} s)")
 
         reference = next((e for e in group if e.library == baseline_name(name) and e.ok), None)
         check_gradients(group, reference)
         if not args.no_checks and name == "conv4-maml-2nd":
-            lines = check_float64(workload, args.f64_tasks)
+            lines = check_float64(workload, args.f64_tasks, device)
             print("\n".join(lines), flush=True)
             extra_lines += [f"{name}:", *lines]
         if not args.no_checks and name == "conv4-protonet":
-            lines, logit_diffs = check_protonet_logits(overrides.get("tasks", 32))
+            lines, logit_diffs = check_protonet_logits(overrides.get("tasks", 32), device)
             print("\n".join(lines), flush=True)
             extra_lines += [f"{name}:", *lines]
 
@@ -701,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not e.ok:
                     continue
                 try:
-                    e.times.append(time_round(e, args.min_run_time, threads))
+                    e.times.append(time_round(e, args.min_run_time, threads, device))
                     e.rounds.append(r)
                 except Exception as exc:
                     e.fail(exc)
@@ -712,14 +793,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             e.meta = None  # free the models and graphs of this workload
 
     peak_after = matmul_peak_flops(n, min_run_time=0.1 if args.quick else 0.5,
-                                   rounds=1 if args.quick else 3)  # fmt: skip
+                                   rounds=1 if args.quick else 3, device=device)  # fmt: skip
     peak = max(peak_before, peak_after)
     load_after = os.getloadavg()
 
-    title = (f"pymeta vs peers, meta-step tasks/s ({platform.processor() or platform.machine()}, "
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else platform.processor() or platform.machine())  # fmt: skip
+    title = (f"pymeta vs peers, meta-step tasks/s ({where}, "
              f"{threads} thread(s), torch {torch.__version__}; load {load_before[0]:.1f} -> "
              f"{load_after[0]:.1f})")  # fmt: skip
-    rows = rows_for_csv(entries, peak, threads)
+    rows = rows_for_csv(entries, peak, threads, device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "meta.csv", rows)
     plot(entries, args.out_dir / "meta.png", title)
@@ -739,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if goals:
         print("\ntargets (measured vs goal):")
         print("\n".join(goals))
-    print_table(entries, peak, threads)
+    print_table(entries, peak, threads, device)
     return 0
 
 
@@ -749,11 +832,13 @@ def _quiet_stderr() -> contextlib.AbstractContextManager[Any]:
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def _self_check(step: Callable[[], None], measures: StepMeasures) -> None:
+def _self_check(
+    step: Callable[[], None], measures: StepMeasures, device: torch.device | str = "cpu"
+) -> None:
     """Assert that the stacked-mode ops and memory of ``measure_all`` equal separate counts."""
     from measure import count_aten_ops, peak_memory
 
-    ops, peak = count_aten_ops(step), peak_memory(step)
+    ops, peak = count_aten_ops(step), peak_memory(step, device)
     got = (measures.ops.total, measures.ops.non_view, measures.peak_bytes)
     if got != (ops.total, ops.non_view, peak):
         raise AssertionError(f"measure_all {got} != separate {(ops.total, ops.non_view, peak)}")

@@ -4,11 +4,14 @@ One implementation of each, used by every script in ``benchmarks/``:
 
 * :func:`count_aten_ops` -- ATen ops dispatched by one call (forward and backward), as an
   :class:`OpCount` ``(total, non_view, by_op)``.
-* :func:`peak_memory` -- peak bytes of tensor storage alive at once during one call.
+* :func:`peak_memory` -- peak bytes of tensor storage alive at once during one call (on a
+  CUDA device: the caching allocator's peak, ``torch.cuda.max_memory_allocated``).
 * :func:`flops` -- FLOPs of one call (``FlopCounterMode``, grouped-conv backward fixed).
 * :func:`measure_all` -- the three above, in two calls.
-* :func:`matmul_peak_flops` -- this machine's achieved fp32 ``torch.mm`` rate, the
-  yardstick for "fraction of peak".
+* :func:`count_kernel_launches` -- CUDA kernels launched by one call (``None`` on CPU).
+* :func:`matmul_peak_flops` -- this machine's (or GPU's) achieved fp32 ``torch.mm`` rate,
+  the yardstick for "fraction of peak".
+* :func:`synchronize` -- wait for a CUDA device's queued work (a no-op on CPU).
 * :func:`write_csv` -- rows of dicts to ``benchmarks/results/<name>``.
 """
 
@@ -31,14 +34,35 @@ __all__ = [
     "OpCount",
     "StepMeasures",
     "count_aten_ops",
+    "count_kernel_launches",
     "flops",
     "matmul_peak_flops",
     "measure_all",
     "peak_memory",
+    "synchronize",
     "write_csv",
 ]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cuda_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` if it is a CUDA device, else None (CPU, or None)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    return device if device.type == "cuda" else None
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait until all work queued on ``device`` has finished, if it is a CUDA device.
+
+    CUDA kernels run asynchronously: a ``perf_counter`` reading taken right after a call
+    returns measures only the launches. No-op for CPU (and for ``None``).
+    """
+    cuda = _cuda_device(device)
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,8 +174,11 @@ class _LiveStorageTracker(TorchDispatchMode):
         return out
 
 
-def peak_memory(fn: Callable[[], Any]) -> int:
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
     """Peak bytes of tensor storage allocated by one call of ``fn`` and alive at once.
+
+    On a CUDA ``device`` it is the caching allocator's reading instead (see
+    :func:`_cuda_peak_memory`); otherwise (CPU, ``None``) the method below.
 
     Counts every storage created by an ATen op during the call (activations, saved tensors,
     gradients, the ``.grad`` fields it leaves behind) from its creation until it is freed;
@@ -164,10 +191,32 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     to op events and frees to ``[memory]`` events, so reconstructing a timeline needs its
     private ``_memory_profile`` API.
     """
+    cuda = _cuda_device(device)
+    if cuda is not None:
+        return _cuda_peak_memory(fn, cuda)
     tracker = _LiveStorageTracker()
     with tracker:
         fn()
     return tracker.peak
+
+
+def _cuda_peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak CUDA memory of one call of ``fn``: ``torch.cuda.max_memory_allocated`` during
+    the call minus ``torch.cuda.memory_allocated`` before it.
+
+    What the caching allocator handed out to tensors (block sizes rounded up to 512 bytes),
+    *including* scratch buffers allocated inside kernels (cuDNN/cuBLAS workspaces) that the
+    CPU method cannot see, and excluding memory the allocator caches but has not handed out.
+    Memory that existed before the call and is freed during it (e.g. the previous
+    ``.grad`` fields a meta-step drops first) lowers the reading: free those before the
+    call for a figure comparable with the CPU one.
+    """
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +287,9 @@ class StepMeasures(NamedTuple):
     flops: int
 
 
-def measure_all(fn: Callable[[], Any], with_flops: bool = True) -> StepMeasures:
+def measure_all(
+    fn: Callable[[], Any], with_flops: bool = True, device: torch.device | str | None = None
+) -> StepMeasures:
     """:func:`count_aten_ops`, :func:`peak_memory` and (unless ``with_flops=False``, then 0)
     :func:`flops` of ``fn``, in two calls instead of three.
 
@@ -248,27 +299,87 @@ def measure_all(fn: Callable[[], Any], with_flops: bool = True) -> StepMeasures:
     module tracker hooks module inputs and outputs (``register_multi_grad_hook``) and so
     changes tensor lifetimes -- measured here, the torch.func sinusoid 5-step meta-step
     read 10% more peak memory inside it.
+
+    On a CUDA ``device`` the peak is the allocator's (:func:`_cuda_peak_memory`), read
+    around the op-counting call: the op counter keeps no tensor, so it changes no
+    allocation.
     """
     op_counter = _OpCounter()
-    tracker = _LiveStorageTracker()
-    with op_counter, tracker:
-        fn()
+    cuda = _cuda_device(device)
+    if cuda is not None:
+        peak = _cuda_peak_memory(lambda: _run_in(op_counter, fn), cuda)
+    else:
+        tracker = _LiveStorageTracker()
+        with op_counter, tracker:
+            fn()
+        peak = tracker.peak
     total = sum(op_counter.by_op.values())
     ops = OpCount(total, total - op_counter.views, op_counter.by_op)
-    return StepMeasures(ops, tracker.peak, flops(fn) if with_flops else 0)
+    return StepMeasures(ops, peak, flops(fn) if with_flops else 0)
 
 
-def matmul_peak_flops(n: int = 2048, min_run_time: float = 0.5, rounds: int = 3) -> float:
+def _run_in(mode: TorchDispatchMode, fn: Callable[[], Any]) -> None:
+    """Call ``fn`` inside the dispatch mode ``mode``."""
+    with mode:
+        fn()
+
+
+# --------------------------------------------------------------------------------------
+# CUDA kernel launches
+# --------------------------------------------------------------------------------------
+
+
+def count_kernel_launches(
+    fn: Callable[[], Any], device: torch.device | str | None = "cuda"
+) -> int | None:
+    """CUDA kernels launched by one call of ``fn`` (forward and backward), or ``None`` when
+    there is nothing to count: ``device`` is not a CUDA device (CPU) or no CUDA device is
+    visible to torch.
+
+    Method: ``torch.profiler.profile(activities=[CPU, CUDA])`` around the call (followed
+    by ``torch.cuda.synchronize()`` so every launched kernel has run and been recorded),
+    then the device-side events whose Kineto activity type is ``"kernel"`` (CUPTI's
+    concurrent-kernel records): one per kernel execution on the GPU, whoever launched it
+    (ATen, cuBLAS/cuDNN internals, Triton, a custom op). *Not* counted: memory copies
+    (``"gpu_memcpy"``, e.g. ``.item()`` or host-to-device transfers) and memsets
+    (``"gpu_memset"``, e.g. ``zeros``/``cudaMemsetAsync``), host-side runtime calls
+    (``cudaLaunchKernel`` is a ``"cuda_runtime"`` event) and GPU annotations. It is the
+    figure that :attr:`OpCount.non_view` bounds from below on CPU; per-kernel launch
+    overhead (~5-10 us) is what dominates small meta-learning steps on a GPU.
+    """
+    cuda = _cuda_device(device)
+    if cuda is None or not torch.cuda.is_available():
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(cuda)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(cuda)
+    events = prof.profiler.kineto_results.events()
+    return sum(
+        1 for e in events if e.device_type() == DeviceType.CUDA and e.activity_type() == "kernel"
+    )
+
+
+def matmul_peak_flops(
+    n: int = 2048,
+    min_run_time: float = 0.5,
+    rounds: int = 3,
+    device: torch.device | str | None = None,
+) -> float:
     """This machine's fp32 matmul rate in FLOP/s: the best of ``rounds`` medians of a
-    ``torch.mm`` of two ``n x n`` matrices (``2 n^3`` FLOPs), on the current torch threads.
+    ``torch.mm`` of two ``n x n`` matrices (``2 n^3`` FLOPs), on the current torch threads,
+    or on ``device`` (a GPU's rate for a CUDA device; ``Timer`` synchronizes CUDA).
 
     "Best of" because it stands for the peak: noise from other processes only lowers it.
     """
     from torch.utils.benchmark import Timer
 
     g = torch.Generator().manual_seed(0)
-    a = torch.rand(n, n, generator=g)
-    b = torch.rand(n, n, generator=g)
+    a = torch.rand(n, n, generator=g).to(device or "cpu")
+    b = torch.rand(n, n, generator=g).to(device or "cpu")
     timer = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
                   num_threads=torch.get_num_threads())  # fmt: skip
     timer.timeit(1)  # warm-up (packing buffers, thread pool)

@@ -36,6 +36,10 @@ Peers:
   over all tasks, the mean query loss, one ``backward()``. Execution strategy ``"auto"`` by
   default (measured on the first calls; ``MetaStep.strategy()`` says what it chose).
 
+Every builder takes ``device`` (default ``"cpu"``): the data are generated on the CPU
+from the fixed seeds, then the episodes and the model are moved to ``device`` before the
+peer is built, so every peer on every device starts from the same numbers.
+
 Peer libraries (pymeta too) are imported lazily inside the builders; a missing or broken
 one raises :class:`PeerUnavailable` so a driver reports ``skipped: <reason>`` and never
 fakes a number. This module itself imports only ``torch`` (and ``measure.py`` beside it)
@@ -131,6 +135,14 @@ class Episodes:
     def num_tasks(self) -> int:
         """Number of tasks T in the meta-batch."""
         return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> Episodes:
+        """The same episodes with every tensor on ``device`` (``self`` if already there)."""
+        device = torch.device(device)
+        if self.support_x.device == device:
+            return self
+        return Episodes(*(t.to(device) for t in (self.support_x, self.support_y,
+                                                  self.query_x, self.query_y)))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -454,13 +466,15 @@ def sinusoid_maml(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     strategy: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> MetaStep:
     """(a) Sinusoid regression, MLP 1-40-40-1, MAML (second order by default), MSE loss.
 
-    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
+    ``strategy`` is pymeta's execution strategy (the other peers ignore it); data and
+    model go to ``device``.
     """
-    data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype)
-    model = make_mlp(seed=seed, dtype=dtype)
+    data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype).to(device)
+    model = make_mlp(seed=seed, dtype=dtype).to(device)
     return _maml("sinusoid_maml", peer, model, data, lr, steps, first_order, F.mse_loss, strategy)
 
 
@@ -479,14 +493,16 @@ def conv4_maml(
     strategy: str = "auto",
     task_chunk: int | None = None,
     checkpoint_steps: bool = False,
+    device: torch.device | str = "cpu",
 ) -> MetaStep:
     """(b) 28x28 grayscale 5-way 1-shot, conv4 + linear head, MAML, cross-entropy.
 
     ``strategy``, ``task_chunk`` and ``checkpoint_steps`` are pymeta's options (see
-    :func:`_maml_pymeta`; the other peers ignore them).
+    :func:`_maml_pymeta`; the other peers ignore them); data and model go to ``device``.
     """
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
-    model = make_conv4(n_way, seed=seed, dtype=dtype)
+    data = data.to(device)
+    model = make_conv4(n_way, seed=seed, dtype=dtype).to(device)
     return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, strategy,
                  task_chunk, checkpoint_steps)  # fmt: skip
 
@@ -530,6 +546,7 @@ def conv4_protonet(
     dtype: torch.dtype = torch.float32,
     batch_norm: bool = True,
     strategy: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> MetaStep:
     """(c) ProtoNet on the conv4 encoder (no head), same episodes as :func:`conv4_maml`.
 
@@ -545,10 +562,12 @@ def conv4_protonet(
     float32 rounding (pymeta's default, ``"joint"``, takes BatchNorm statistics over
     both). ``strategy`` (``"auto"``, ``"vmap"``, ``"loop"``, ...) is how pymeta runs the
     encoder on all tasks; ``batch_norm=False`` (``nn.Identity`` in place of BatchNorm)
-    leaves nothing to choose: all tasks' images run as one batch.
+    leaves nothing to choose: all tasks' images run as one batch. Data and encoder go to
+    ``device``.
     """
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
-    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
+    data = data.to(device)
+    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm).to(device)
     model, logits = _protonet_model(peer, encoder, strategy)
     params = list(model.parameters())
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
@@ -586,11 +605,13 @@ def protonet_logits(
     dtype: torch.dtype = torch.float32,
     batch_norm: bool = True,
     strategy: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> Tensor:
-    """The ``[T, Q, N]`` logits (no gradient) of ``peer``'s ProtoNet on the episodes and
-    encoder of :func:`conv4_protonet` with the same arguments."""
+    """The ``[T, Q, N]`` logits (no gradient, on ``device``) of ``peer``'s ProtoNet on the
+    episodes and encoder of :func:`conv4_protonet` with the same arguments."""
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
-    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm)
+    data = data.to(device)
+    encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm).to(device)
     _, logits = _protonet_model(peer, encoder, strategy)
     with torch.no_grad():
         return logits(data.support_x, data.support_y, data.query_x)
@@ -608,14 +629,16 @@ def sinusoid_metasgd(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     strategy: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> MetaStep:
     """(d) Meta-SGD on the sinusoid workload: per-element learnable inner lrs (init ``lr``).
 
     ``params`` are the model's parameters followed by the lrs (learn2learn's order).
-    ``strategy`` is pymeta's execution strategy (the other peers ignore it).
+    ``strategy`` is pymeta's execution strategy (the other peers ignore it); data, model
+    and learnable lrs are on ``device``.
     """
-    data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype)
-    model = make_mlp(seed=seed, dtype=dtype)
+    data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype).to(device)
+    model = make_mlp(seed=seed, dtype=dtype).to(device)
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
     loss_fn = F.mse_loss

@@ -5,17 +5,21 @@ Runs ``benchmarks/bench_meta.py`` through the ``pymeta`` command with this Pytho
 their own venv (benchmarks/README.md), so here they must be reported as skipped -- never
 with a number -- while pymeta and the torch.func peer run. About 8 s of CPU time (most of
 it importing torch twice and pymeta's strategy warm-up); wall time grows with machine load.
+Also: ``--device cuda`` without a GPU fails with a clear error, and
+``measure.count_kernel_launches`` returns None on CPU (no kernels to count).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "benchmarks" / "bench_meta.py"
@@ -56,3 +60,32 @@ def test_bench_meta_quick_reports_skipped_peers(tmp_path: Path) -> None:
     assert "pymeta strategy chosen ('auto'): sinusoid-maml-1step:" in out
     assert "targets (measured vs goal):" in out and "(a) sinusoid-maml-1step:" in out
     assert (tmp_path / "meta.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not DRIVER.is_file(), reason="needs the benchmarks/ folder of a checkout")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_bench_meta_device_cuda_without_gpu_is_a_clear_error() -> None:
+    # Exits in argument parsing, before any measurement: ~2 s (importing torch).
+    cmd = [sys.executable, str(DRIVER), "--device", "cuda", "--quick"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert "--device cuda: no CUDA device visible to torch" in result.stderr
+
+
+@pytest.mark.skipif(not DRIVER.is_file(), reason="needs the benchmarks/ folder of a checkout")
+def test_count_kernel_launches_is_none_on_cpu() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "_pymeta_bench_measure", ROOT / "benchmarks" / "measure.py"
+    )
+    assert spec is not None and spec.loader is not None
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    x = torch.ones(3, requires_grad=True)
+
+    def step() -> None:
+        (x * x).sum().backward()
+
+    assert measure.count_kernel_launches(step, "cpu") is None
+    if not torch.cuda.is_available():
+        assert measure.count_kernel_launches(step) is None
+        assert measure.count_kernel_launches(step, "cuda") is None

@@ -323,3 +323,42 @@ def test_op_rejects_rates_in_the_wrong_dtype(backend):
     with pytest.raises(TypeError, match=r"lr\[0\] must have dtype torch.float32 .* got torch.float16"):
         torch.ops.pymeta.inner_sgd([torch.randn(T, 4, dtype=torch.bfloat16)], [torch.randn(T, 4, dtype=torch.bfloat16)],
                                    [torch.rand(4, dtype=torch.float16)], 1.0)
+
+
+def test_small_cpu_calls_run_as_plain_torch_ops_and_agree_with_the_op():
+    """Unforced, tiny CPU inputs skip the custom op (its fixed cost exceeds the work);
+    results, second derivatives and input errors are the op's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    module = importlib.import_module("pymeta.ops.inner_sgd")
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += str(func).startswith("pymeta.inner_sgd")
+            return func(*args, **(kwargs or {}))
+
+    def run(numel_per_task: int, forced: str | None):
+        torch.manual_seed(0)
+        p = torch.randn(3, numel_per_task, dtype=torch.float64, requires_grad=True)
+        g0 = torch.randn(3, numel_per_task, dtype=torch.float64, requires_grad=True)
+        lr = torch.full((numel_per_task,), 0.1, dtype=torch.float64, requires_grad=True)
+        counter = CountOps()
+        with force_backend(forced), counter:
+            (out,) = inner_sgd([p], [g0 * p], [lr])
+            first = torch.autograd.grad(out.square().sum(), [p, lr], create_graph=True)
+            second = torch.autograd.grad(sum(f.sum() for f in first), [p, lr])
+        return [out, *first, *second], counter.ops
+
+    small = module.COMPOSITE_MAX_NUMEL // 6
+    plain, plain_ops = run(small, None)
+    fused, fused_ops = run(small, "cpp")
+    assert plain_ops == 0 and fused_ops > 0
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert run(module.COMPOSITE_MAX_NUMEL // 3 + 1, None)[1] > 0  # large: the fused op
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        inner_sgd([torch.randn(3, 4)], [torch.randn(3, 5)], 0.1)

@@ -21,6 +21,10 @@ pick a backend per call with :func:`pymeta.ops._backends.select`):
   ``-scale * sum(grads[k] * grad_outs[k])`` reduced to ``lr[k]``'s shape, in one pass
   (each list empty when not needed). The params' gradient is ``grad_outs`` itself.
 
+Small CPU calls (at most :data:`COMPOSITE_MAX_NUMEL` elements in all, no backend forced)
+skip the op and run :func:`reference_forward` as plain differentiable torch ops: for
+them the op's fixed per-call cost exceeds the work of the fused kernel.
+
 Autograd is a ``torch.autograd.Function`` around the forward op (``setup_context`` style,
 ``generate_vmap_rule=True``, so ``torch.func.grad`` and ``vmap`` work); its backward uses
 the fused backward op unless a graph is being built (second-order MAML), where it composes
@@ -351,4 +355,21 @@ def inner_sgd(
     if not params:
         return []
     rates, scale = _lr_list(lr, params)
+    if _composite_is_faster(params):
+        _check(params, grads, rates)
+        return reference_forward(params, grads, rates, scale)
     return list(_InnerSGD.apply(len(params), scale, *params, *grads, *rates))
+
+
+# Below this many elements in total (all tensors of one call), on CPU with no backend
+# forced, the update runs as plain differentiable torch ops: the custom op's fixed cost
+# (dispatcher, autograd.Function, ~50-100 us per call and again in backward) then
+# exceeds the whole fused kernel's work. Sinusoid MLP (25 tasks x 1.7k weights): ~10%
+# of a meta-step. benchmarks/bench_inner_sgd.py measures both sides.
+COMPOSITE_MAX_NUMEL = 1 << 16
+
+
+def _composite_is_faster(params: list[Tensor]) -> bool:
+    if _backends.forced_backend() is not None or params[0].device.type != "cpu":
+        return False
+    return sum(p.numel() for p in params) <= COMPOSITE_MAX_NUMEL

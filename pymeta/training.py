@@ -501,10 +501,11 @@ def evaluate_checkpointed(
 def report_line(config: TrainConfig, spec: DataSpec, test: Stats, before: Stats | None) -> str:
     metric = "accuracy" if spec.task == "classification" else "MSE"
     shots = f"{config.ways}-way {config.shots}-shot" if spec.task == "classification" else f"{config.shots}-shot"
-    line = f"test {metric} after adaptation ({shots}, {config.eval_inner_steps} steps): {test}"
-    if before is not None:
-        line += f"\ntest {metric} before adaptation: {before}"
-    return line
+    if before is None:  # no inner loop (ProtoNet): nothing adapts
+        return f"test {metric} ({shots}): {test}"
+    steps = config.eval_inner_steps
+    return (f"test {metric} after adaptation ({shots}, {steps} step{'' if steps == 1 else 's'}): {test}"
+            f"\ntest {metric} before adaptation: {before}")
 
 
 def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module, DataSpec, TrainConfig]:

@@ -19,7 +19,7 @@ def test_train_then_eval_round_trips_the_checkpoint(tmp_path, capsys):
                "--val-episodes", "10", "--eval-episodes", "20", "--out", str(out), "--no-progress")
     assert code == 0
     trained = capsys.readouterr().out
-    assert "test MSE after adaptation (10-shot, 1 steps):" in trained
+    assert "test MSE after adaptation (10-shot, 1 step):" in trained
     assert "test MSE before adaptation:" in trained
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
     payload = checkpoint.load(out)
@@ -76,3 +76,13 @@ def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
     checkpoint.save(out, {k: v for k, v in payload.items() if k not in ("format", "version")})
     with pytest.raises(checkpoint.CheckpointError, match="does not match its config"):
         training.load_learner(out)
+
+
+def test_report_line_names_inner_steps_only_for_learners_that_adapt():
+    from types import SimpleNamespace
+
+    spec, stats = SimpleNamespace(task="classification"), training.Stats(0.9, 0.01, 600)
+    proto = training.TrainConfig(algo="protonet").resolved()
+    assert training.report_line(proto, spec, stats, None) == f"test accuracy (5-way 1-shot): {stats}"
+    maml = training.TrainConfig(algo="maml", inner_steps=3).resolved()
+    assert training.report_line(maml, spec, stats, stats).startswith("test accuracy after adaptation (5-way 1-shot, 3 steps)")

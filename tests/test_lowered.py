@@ -88,3 +88,26 @@ def test_lowered_batch_norm_leaves_running_stats_alone():
     TaskBatched(model).forward(fast_weights(model, set()), x, "lowered")
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
+
+
+def test_relu_then_max_pool_reordered_exactly_even_with_ties():
+    """The lowered Sequential pools before the ReLU (cheaper); values, gradients and
+    second derivatives stay bitwise those of the model's own order, ties included."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).double()
+    # Integer-valued inputs and 1x1 conv weights: exact arithmetic whatever the kernel,
+    # and many windows tie (at zero and above).
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.0, 2.0]]).view(3, 2, 1, 1))
+        model[0].bias.zero_()
+    weights = {n: w.requires_grad_() for n, w in fast_weights(model, {"0.weight", "0.bias"}).items()}
+    x = torch.randint(-2, 3, (T, B, 2, 4, 4)).double().requires_grad_()
+    batched = TaskBatched(model)
+    outs = {s: batched.forward(weights, x, s) for s in ("lowered", "loop")}
+    assert torch.equal(outs["lowered"], outs["loop"])
+    derivatives = {}
+    for s, out in outs.items():
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        probe = torch.arange(gx.numel(), dtype=gx.dtype).view_as(gx)  # distinct weights per entry
+        derivatives[s] = (gx, *torch.autograd.grad((gx * probe).sum(), [x, *weights.values()], allow_unused=True))
+    for a, b in zip(derivatives["lowered"], derivatives["loop"], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)

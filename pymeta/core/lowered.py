@@ -68,7 +68,8 @@ def lower(module: nn.Module) -> Layer:
 
 def _lower(module: nn.Module, prefix: str) -> Layer:
     if isinstance(module, nn.Sequential):
-        layers = [_lower(child, f"{prefix}{name}.") for name, child in module.named_children()]
+        children = _pool_before_relu(list(module.named_children()))
+        layers = [_lower(child, f"{prefix}{name}.") for name, child in children]
 
         def sequential(weights: dict[str, Tensor], x: Tensor) -> Tensor:
             for layer in layers:
@@ -94,6 +95,23 @@ def _lower(module: nn.Module, prefix: str) -> Layer:
         "trees of Linear, Conv2d, BatchNorm1d/2d, LayerNorm, pooling, Flatten, Dropout and elementwise "
         "activations; use strategy='vmap' or 'auto'"
     )
+
+
+def _pool_before_relu(children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``ReLU, MaxPool2d`` reordered to ``MaxPool2d, ReLU``: ReLU then runs on the pooled,
+    4x smaller tensor (conv4 on CPU: ~10% of a MAML step).
+
+    Exact, values and derivatives of every order: ReLU is monotonic, so the maximum of
+    the rectified window is the rectified maximum; where that maximum is <= 0 both
+    orders give 0 with zero gradient, and elsewhere both pick the same (first) argmax,
+    since ReLU only merges values that are <= 0. NaN propagates through both.
+    """
+    out = list(children)
+    for i in range(len(out) - 1):
+        (_, first), (_, second) = out[i], out[i + 1]
+        if type(first) is nn.ReLU and type(second) is nn.MaxPool2d and not second.return_indices:
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
 
 
 def _getter(module: nn.Module, prefix: str) -> Callable[[dict[str, Tensor], str], Tensor | None]:

@@ -116,8 +116,11 @@ GRAD_TOL = {
     "conv4-maml-2nd": 1e-4,
     "conv4-maml-1st": 1e-4,
     "conv4-protonet": 1e-4,
-    "conv4-maml-5step": 1e-4,
-    "conv4-maml-10step": 1e-4,
+    # Long inner loops at lr 0.4 amplify float32 rounding: at 5 steps and 32 tasks
+    # learn2learn's own float32 meta-gradient is 3.4e-4 (pymeta's 3.9e-4) from the float64
+    # one, while the float64 gradients agree to 2e-14 (the float64 check below).
+    "conv4-maml-5step": 1e-2,
+    "conv4-maml-10step": 1e-2,
 }
 F64_TOL = 1e-10
 
@@ -306,7 +309,8 @@ def check_float64(workload: Workload, tasks: int, device: torch.device | str = "
     strategies) on ``workload`` with ``tasks`` tasks, in float64 against learn2learn's
     float64 (exactness), and in float32 against the same float64 reference (each
     library's float32 rounding level); lines to print."""
-    libs = ("learn2learn", "higher", "torch.func", "pymeta[lowered]", "pymeta[vmap]", "pymeta[loop]")
+    libs = [lib for lib in ("learn2learn", "higher", "torch.func", "pymeta[lowered]", "pymeta[vmap]", "pymeta[loop]")
+            if parse_peer(lib)[0] in workload.peers]
     lines = [f"  meta-gradients with {tasks} tasks vs learn2learn's float64 "
              f"(rel = max abs / max |ref|; float64 tolerance {F64_TOL:g}):"]  # fmt: skip
     grads: dict[tuple[str, torch.dtype], Tensor] = {}
@@ -765,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         reference = next((e for e in group if e.library == baseline_name(name) and e.ok), None)
         check_gradients(group, reference)
-        if not args.no_checks and name == "conv4-maml-2nd":
+        if not args.no_checks and (name == "conv4-maml-2nd" or GROUP_OF.get(name) == "m"):
             lines = check_float64(workload, args.f64_tasks, device)
             print("\n".join(lines), flush=True)
             extra_lines += [f"{name}:", *lines]

@@ -62,7 +62,7 @@ def test_strategies_give_identical_predictions_and_auto_settles():
     torch.testing.assert_close(preds["lowered"], preds["loop"], rtol=1e-12, atol=1e-12)
     auto = pymeta.MAML(model, lr=0.05)
     assert auto.strategy is None
-    for _ in range(7):  # warm-up + 3 trials of each candidate at most
+    for _ in range(8):  # warm-up, 3 timed calls per candidate, the call that closes the last
         torch.testing.assert_close(auto.episode(sx, sy, qx), preds["vmap"], rtol=1e-12, atol=1e-12)
     assert auto.strategy in ("lowered", "loop")  # an MLP lowers, so vmap is not a candidate
 
@@ -112,15 +112,16 @@ def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candida
         with picker.timed() as strategy:
             order.append(strategy)
             time.sleep(cost[strategy])
-    # warm-up (untimed), one timed call each, then the 30x slower one is dropped
-    assert order == ["lowered", "lowered", "loop"] and picker.chosen == "loop"
+    # warm-up (untimed), one timed call each (each timed until the next call starts),
+    # then the 30x slower one is dropped and the fourth call already runs the choice
+    assert order == ["lowered", "lowered", "loop", "loop"] and picker.chosen == "loop"
     close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"))
     order = []
     while close.chosen is None:
         with close.timed() as strategy:
             order.append(strategy)
             time.sleep({"vmap": 0.004, "loop": 0.005}[strategy])
-    assert order == ["vmap", "vmap", "loop", "vmap", "loop"] and close.chosen == "vmap"
+    assert order == ["vmap", "vmap", "loop", "vmap", "loop", "vmap"] and close.chosen == "vmap"
     fixed = StrategyPicker("loop")
     with fixed.timed() as strategy:
         assert strategy == "loop" and fixed.chosen == "loop"

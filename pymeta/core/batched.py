@@ -52,15 +52,16 @@ class StrategyPicker:
     """Chooses the faster concrete strategy by timing the first calls of each.
 
     The first call is a warm-up (one-time costs: lazy initialisation, allocator growth),
-    then ``trials`` calls per candidate run interleaved (vmap, loop, vmap, loop, ...) so
+    then ``trials`` calls per candidate, each timed up to the next call (see
+    :meth:`timed`), run interleaved (vmap, loop, vmap, loop, ...) so
     a noisy machine affects all alike; the median decides and the choice is then fixed.
     A candidate whose first timed call took more than ``drop_ratio`` times the fastest
     one's is dropped at once (a 2x-slower conv strategy is not worth two more seconds-long
     trials). ``candidates`` are the concrete strategies "auto" chooses from, in order of
     preference: the first whose median is within ``tie`` (3%) of the fastest wins, since
     closer than that the ranking is noise (``"lowered"``, listed first when the model
-    lowers, also stores less for backward than ``"loop"``). On GPU the
-    timed block is bracketed by ``torch.cuda.synchronize()`` so kernels are counted.
+    lowers, also stores less for backward than ``"loop"``). On GPU each measured call
+    starts with ``torch.cuda.synchronize()``, so queued kernels are counted.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class StrategyPicker:
         self.tie = tie
         self._times: dict[str, list[float]] = {name: [] for name in candidates}
         self._warmed_up = False
+        self._pending: tuple[str, float] | None = None  # (strategy, start) of the call being timed
         self.chosen: str | None = None if strategy == "auto" else strategy
 
     def next(self) -> str:
@@ -86,18 +88,28 @@ class StrategyPicker:
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[str]:
-        """Yield the strategy to use now; if still measuring, time the block for it."""
+        """Yield the strategy to use now, timing it while still measuring.
+
+        A call is timed from its start to the start of the next call, so the time
+        includes what the caller does with the result in between -- the query loss and
+        its ``backward()``, where strategies differ too -- and not just the forward.
+        """
+        if self.chosen is None:
+            _synchronize()
+            self._close_pending(time.perf_counter())
         strategy = self.next()
-        if self.chosen is not None or not self._warmed_up:
-            self._warmed_up = True
-            yield strategy
-            return
-        _synchronize()
-        start = time.perf_counter()
+        if self.chosen is None and self._warmed_up:
+            self._pending = (strategy, time.perf_counter())
+        self._warmed_up = True
         yield strategy
-        _synchronize()
-        self._times[strategy].append(time.perf_counter() - start)
-        self._decide()
+
+    def _close_pending(self, now: float) -> None:
+        """Record the previous measured call (it ended when this one started)."""
+        if self._pending is not None:
+            strategy, start = self._pending
+            self._pending = None
+            self._times[strategy].append(now - start)
+            self._decide()
 
     def _decide(self) -> None:
         times = self._times

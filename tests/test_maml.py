@@ -62,7 +62,7 @@ def test_strategies_give_identical_predictions_and_auto_settles():
     torch.testing.assert_close(preds["lowered"], preds["loop"], rtol=1e-12, atol=1e-12)
     auto = pymeta.MAML(model, lr=0.05)
     assert auto.strategy is None
-    for _ in range(8):  # warm-up, 3 timed calls per candidate, the call that closes the last
+    for _ in range(32):  # warm-up, up to 15 timed calls per candidate, the call that closes the last
         torch.testing.assert_close(auto.episode(sx, sy, qx), preds["vmap"], rtol=1e-12, atol=1e-12)
     assert auto.strategy in ("lowered", "loop")  # an MLP lowers, so vmap is not a candidate
 
@@ -105,7 +105,7 @@ def test_trains_with_any_optimizer_and_state_dict_round_trips():
 
 
 def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candidate():
-    picker = StrategyPicker("auto", trials=3, candidates=("lowered", "loop"))
+    picker = StrategyPicker("auto", trials=3, candidates=("lowered", "loop"), min_time=0)
     cost = {"lowered": 0.03, "loop": 0.001}
     order = []
     while picker.chosen is None:
@@ -115,7 +115,7 @@ def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candida
     # warm-up (untimed), one timed call each (each timed until the next call starts),
     # then the 30x slower one is dropped and the fourth call already runs the choice
     assert order == ["lowered", "lowered", "loop", "loop"] and picker.chosen == "loop"
-    close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"))
+    close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"), min_time=0)
     order = []
     while close.chosen is None:
         with close.timed() as strategy:
@@ -128,8 +128,16 @@ def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candida
 
 
 def test_strategy_picker_prefers_the_earlier_candidate_within_the_tie_margin():
-    picker = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), tie=0.5)
+    picker = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), tie=0.5, min_time=0)
     while picker.chosen is None:
         with picker.timed() as strategy:
             time.sleep({"lowered": 0.006, "loop": 0.005}[strategy])  # 20% slower: within 50%
     assert picker.chosen == "lowered"
+    # Short calls are measured until each candidate has min_time seconds (or max_trials).
+    budget = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), min_time=0.02, max_trials=50)
+    count = 0
+    while budget.chosen is None:
+        with budget.timed() as strategy:
+            count += 1
+            time.sleep(0.004 if strategy == "lowered" else 0.0045)
+    assert count > 2 * 5  # 0.02 s at ~4 ms per call: at least 5 calls each, plus warm-up

@@ -67,10 +67,10 @@ def test_last_and_best_checkpoints(tmp_path):
 def test_resume_keeps_the_strategy_auto_chose(tmp_path):
     """With strategy="auto" the choice is made by timing; the checkpoint stores it and a
     resumed run uses it instead of measuring again (which could choose differently)."""
-    training.train(config(tmp_path, "auto", 10, strategy="auto", val_every=10), progress=False, log=quiet)
+    training.train(config(tmp_path, "auto", 32, strategy="auto", val_every=32), progress=False, log=quiet)
     chosen = checkpoint.load(tmp_path / "auto-last.pt")["strategies"]
     assert set(chosen) == {"_picker"} and chosen["_picker"] in ("lowered", "loop")  # an MLP lowers
-    resumed = training.train(config(tmp_path, "auto", 11, strategy="auto", val_every=10), progress=False, log=quiet,
+    resumed = training.train(config(tmp_path, "auto", 33, strategy="auto", val_every=32), progress=False, log=quiet,
                              resume=tmp_path / "auto-last.pt")
     assert resumed.learner.strategy == chosen["_picker"]
     assert not any(resumed.learner._picker._times.values())  # nothing was re-measured
@@ -80,12 +80,12 @@ def test_resume_keeps_the_strategy_protonet_chose(tmp_path):
     """ProtoNet with the conv4 encoder (BatchNorm) picks how to embed the tasks; its
     choice is checkpointed and restored like MAML's."""
     settings = dict(algo="protonet", data="glyphs", meta_batch=2, val_episodes=2, eval_episodes=2,
-                    strategy="auto", val_every=10)
-    # 10 steps: a warm-up, up to 3 timed calls per candidate and the call that closes the last.
-    training.train(config(tmp_path, "proto", 10, **settings), progress=False, log=quiet)
+                    strategy="auto", val_every=32)
+    # 32 steps: a warm-up, up to 15 timed calls per candidate and the call that closes the last.
+    training.train(config(tmp_path, "proto", 32, **settings), progress=False, log=quiet)
     chosen = checkpoint.load(tmp_path / "proto-last.pt")["strategies"]
     assert set(chosen) == {"_picker"} and chosen["_picker"] in ("lowered", "vmap", "loop")
-    resumed = training.train(config(tmp_path, "proto", 11, **settings), progress=False, log=quiet,
+    resumed = training.train(config(tmp_path, "proto", 33, **settings), progress=False, log=quiet,
                              resume=tmp_path / "proto-last.pt")
     assert resumed.learner.strategy == chosen["_picker"]
     assert all(not times for times in resumed.learner._picker._times.values())  # nothing re-measured

@@ -52,8 +52,10 @@ class StrategyPicker:
     """Chooses the faster concrete strategy by timing the first calls of each.
 
     The first call is a warm-up (one-time costs: lazy initialisation, allocator growth),
-    then ``trials`` calls per candidate, each timed up to the next call (see
-    :meth:`timed`), run interleaved (vmap, loop, vmap, loop, ...) so
+    then at least ``trials`` calls per candidate and ``min_time`` seconds of them (at most
+    ``max_trials``: short calls are measured more often, since their medians are noisier
+    and every trial does the caller's real work anyway), each timed up to the next call
+    (see :meth:`timed`), run interleaved (vmap, loop, vmap, loop, ...) so
     a noisy machine affects all alike; the median decides and the choice is then fixed.
     A candidate whose first timed call took more than ``drop_ratio`` times the fastest
     one's is dropped at once (a 2x-slower conv strategy is not worth two more seconds-long
@@ -71,11 +73,15 @@ class StrategyPicker:
         candidates: tuple[str, ...] = ("vmap", "loop"),
         drop_ratio: float = 2.0,
         tie: float = 0.03,
+        min_time: float = 0.5,
+        max_trials: int = 15,
     ) -> None:
         self.strategy = check_strategy(strategy)
         self.trials = trials
         self.drop_ratio = drop_ratio
         self.tie = tie
+        self.min_time = min_time
+        self.max_trials = max_trials
         self._times: dict[str, list[float]] = {name: [] for name in candidates}
         self._warmed_up = False
         self._pending: tuple[str, float] | None = None  # (strategy, start) of the call being timed
@@ -118,7 +124,10 @@ class StrategyPicker:
         fastest_first = min(t[0] for t in times.values())
         for name in [n for n, t in times.items() if t[0] > self.drop_ratio * fastest_first]:
             del times[name]
-        if len(times) == 1 or all(len(t) >= self.trials for t in times.values()):
+        enough = all(
+            len(t) >= self.max_trials or (len(t) >= self.trials and sum(t) >= self.min_time) for t in times.values()
+        )
+        if len(times) == 1 or enough:
             medians = {name: statistics.median(t) for name, t in times.items()}
             fastest = min(medians.values())
             # Candidates come in preference order; a later one must beat an earlier one by

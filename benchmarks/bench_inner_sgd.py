@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from measure import count_aten_ops, write_csv
+from measure import count_aten_ops, print_table, write_csv
 from torch import Tensor
 from torch.utils.benchmark import Timer
 
@@ -173,15 +173,11 @@ def main() -> None:
     clock = "CPU time" if args.cpu_time else "wall time"
     print(f"\ninner_sgd on {device} ({torch.get_num_threads()} threads, malloc: {malloc}, {clock}), medians of "
           f"{args.repeats} interleaved rounds; x loop = per-tensor loop time / variant time")
-    header = (f"{'set':12s} {'lr':11s} {'variant':10s} {'elements':>9s} {'fwd ms':>8s} {'x loop':>6s} {'GB/s':>6s} "
-              f"{'fwd+bwd ms':>10s} {'x loop':>6s} {'ATen ops':>8s}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['set']:12s} {r['lr']:11s} {r['variant']:10s} {r['elements']:9d} {r['fwd_ms']:8.3f} "
-              f"{r['fwd_speedup']:6.2f} {r['fwd_GBps']:6.2f} {r['fwd_bwd_ms']:10.3f} {r['fwd_bwd_speedup']:6.2f} "
-              f"{r['aten_ops_fwd']:8d}")
-
+    print_table(rows, [
+        ("set", "set", "12s"), ("lr", "lr", "11s"), ("variant", "variant", "10s"), ("elements", "elements", "9d"),
+        ("fwd_ms", "fwd ms", "8.3f"), ("fwd_speedup", "x loop", "6.2f"), ("fwd_GBps", "GB/s", "6.2f"),
+        ("fwd_bwd_ms", "fwd+bwd ms", "10.3f"), ("fwd_bwd_speedup", "x loop", "6.2f"), ("aten_ops_fwd", "ATen ops", "8d"),
+    ])
 
 if __name__ == "__main__":
     main()

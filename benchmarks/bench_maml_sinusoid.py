@@ -17,7 +17,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from measure import count_aten_ops, write_csv
+from measure import count_aten_ops, print_table, write_csv
 from torch.func import functional_call
 from torch.utils.benchmark import Timer
 
@@ -81,9 +81,9 @@ def main() -> None:
     write_csv("maml_sinusoid.csv", rows)
     print(f"\nMAML sinusoid, MLP 1-40-40-1, T={T}, K={K}, {args.steps} inner step(s), second order, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'variant':16s} {'tasks/s':>10s} {'ms/step':>9s} {'ATen ops':>9s}")
-    for r in rows:
-        print(f"{r['variant']:16s} {r['tasks_per_s']:10.0f} {r['ms_per_meta_step']:9.2f} {r['aten_ops_per_meta_step']:9d}")
+    print_table(rows, [("variant", "variant", "16s"), ("tasks_per_s", "tasks/s", "10.0f"),
+                       ("ms_per_meta_step", "ms/step", "9.2f"), ("aten_ops_per_meta_step", "ATen ops", "9d")],
+                rule=False)
     print(f"speed-up {fast['tasks_per_s'] / loop['tasks_per_s']:.1f}x, "
           f"ops ratio {fast['aten_ops_per_meta_step'] / loop['aten_ops_per_meta_step']:.3f}")
 

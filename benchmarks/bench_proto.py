@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from measure import count_aten_ops, write_csv
+from measure import count_aten_ops, print_table, write_csv
 from torch import Tensor
 from torch.utils.benchmark import Timer
 
@@ -162,15 +162,12 @@ def main() -> None:
     write_csv(f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
     print(f"\nProtoNet head ops on {device} ({torch.get_num_threads()} threads{', thread CPU time' if args.cpu_time else ''}), "
           f"float32, medians of {args.repeats} interleaved rounds; x ref / x torch = that variant's time / this variant's time")
-    header = (f"{'op':12s} {'shape':22s} {'metric':11s} {'variant':9s} {'fwd us':>9s} {'x ref':>6s} {'x torch':>7s} "
-              f"{'fwd+bwd us':>10s} {'x ref':>6s} {'x torch':>7s} {'GB/s':>6s} {'ops':>4s}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['op']:12s} {r['shape']:22s} {r['metric']:11s} {r['variant']:9s} {r['fwd_us']:9.1f} {r['fwd_x_ref']:6.2f} "
-              f"{r['fwd_x_torch']:7.2f} {r['fwd_bwd_us']:10.1f} {r['fwd_bwd_x_ref']:6.2f} {r['fwd_bwd_x_torch']:7.2f} "
-              f"{r['fwd_GBps']:6.2f} {r['aten_ops_fwd']:4d}")
-
+    print_table(rows, [
+        ("op", "op", "12s"), ("shape", "shape", "22s"), ("metric", "metric", "11s"), ("variant", "variant", "9s"),
+        ("fwd_us", "fwd us", "9.1f"), ("fwd_x_ref", "x ref", "6.2f"), ("fwd_x_torch", "x torch", "7.2f"),
+        ("fwd_bwd_us", "fwd+bwd us", "10.1f"), ("fwd_bwd_x_ref", "x ref", "6.2f"),
+        ("fwd_bwd_x_torch", "x torch", "7.2f"), ("fwd_GBps", "GB/s", "6.2f"), ("aten_ops_fwd", "ops", "4d"),
+    ])
 
 if __name__ == "__main__":
     main()

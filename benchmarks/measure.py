@@ -18,6 +18,7 @@ One implementation of each, used by every script in ``benchmarks/``:
 from __future__ import annotations
 
 import csv
+import re
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -390,6 +391,23 @@ def matmul_peak_flops(
 # --------------------------------------------------------------------------------------
 # CSV
 # --------------------------------------------------------------------------------------
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], rule: bool = True) -> None:
+    """Print ``rows`` as a fixed-width table: ``columns`` are ``(key, header, format spec)``,
+    e.g. ``("fwd_ms", "fwd ms", "8.3f")``; text columns (spec ending in ``s``) align left,
+    numbers right, each header padded to the spec's width. ``rule``: a dashed line under
+    the header."""
+    def head(title: str, spec: str) -> str:
+        width = re.match(r"\d*", spec).group()
+        return f"{title:{'' if spec.endswith('s') else '>'}{width}s}"
+
+    header = " ".join(head(title, spec) for _, title, spec in columns)
+    print(header)
+    if rule:
+        print("-" * len(header))
+    for r in rows:
+        print(" ".join(f"{r[key]:{spec}}" for key, _, spec in columns))
 
 
 def write_csv(name: str | Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -104,6 +106,25 @@ def select(device: torch.device) -> str:
         if unavailable_reason(backend, device) is None:
             return backend
     return "reference"
+
+
+def run(backend: str, op: str, args: tuple[Any, ...], reference: Callable[[], Any]) -> Any:
+    """Run kernel ``op`` (e.g. ``"proto_logits_backward"``) on ``backend`` (from :func:`select`).
+
+    ``cpp`` / ``cuda``: ``torch.ops.pymeta_cpu.<op>`` / ``torch.ops.pymeta_cuda.<op>``;
+    ``triton``: ``forward`` (or ``backward`` for a ``*_backward`` op) of the Triton module
+    ``pymeta.kernels.<op without _backward>``, imported on first use (importing Triton is
+    slow and needs a working install); all three take ``args``. ``reference``:
+    ``reference()``, the op's pure-PyTorch implementation.
+    """
+    if backend == "cpp":
+        return getattr(torch.ops.pymeta_cpu, op)(*args)
+    if backend == "cuda":
+        return getattr(torch.ops.pymeta_cuda, op)(*args)
+    if backend == "triton":
+        kernels = importlib.import_module(f"pymeta.kernels.{op.removesuffix('_backward')}")
+        return getattr(kernels, "backward" if op.endswith("_backward") else "forward")(*args)
+    return reference()
 
 
 def backends() -> dict[str, str]:

@@ -144,13 +144,6 @@ def reference_backward(
     return grad_grads, grad_lr
 
 
-def _triton() -> Any:
-    # Imported on first use only: importing Triton is slow and needs a working install.
-    from pymeta.kernels import inner_sgd
-
-    return inner_sgd
-
-
 @torch.library.custom_op("pymeta::inner_sgd", mutates_args=())
 def _forward_op(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
     _check(params, grads, lr)
@@ -166,14 +159,8 @@ def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float)
 @_forward_op.register_kernel(("cpu", "cuda"))
 def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
     _check(params, grads, lr)
-    backend = _backends.select(params[0].device)
-    if backend == "cpp":
-        return torch.ops.pymeta_cpu.inner_sgd(params, grads, lr, scale)
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.inner_sgd(params, grads, lr, scale)
-    if backend == "triton":
-        return _triton().forward(params, grads, lr, scale)
-    return reference_forward(params, grads, lr, scale)
+    args = (params, grads, lr, scale)
+    return _backends.run(_backends.select(params[0].device), "inner_sgd", args, lambda: reference_forward(*args))
 
 
 def _batch_first(x: Tensor, bdim: int | None, ndim: int) -> Tensor:
@@ -231,14 +218,10 @@ def _(
 ) -> tuple[list[Tensor], list[Tensor]]:
     # Without lr gradients the grads are never read, and the caller need not keep them.
     _check(grad_outs, grads if need_lr else grad_outs, lr, names=("grad_outs", "grads"))
-    backend = _backends.select(grad_outs[0].device)
-    if backend == "cpp":
-        return torch.ops.pymeta_cpu.inner_sgd_backward(grad_outs, grads, lr, scale, need_grads, need_lr)
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.inner_sgd_backward(grad_outs, grads, lr, scale, need_grads, need_lr)
-    if backend == "triton":
-        return _triton().backward(grad_outs, grads, lr, scale, need_grads, need_lr)
-    return reference_backward(grad_outs, grads, lr, scale, need_grads, need_lr)
+    args = (grad_outs, grads, lr, scale, need_grads, need_lr)
+    return _backends.run(
+        _backends.select(grad_outs[0].device), "inner_sgd_backward", args, lambda: reference_backward(*args)
+    )
 
 
 class _InnerSGD(torch.autograd.Function):

@@ -108,16 +108,10 @@ def _(query: Tensor, protos: Tensor, metric: str) -> Tensor:
 
 @_forward_op.register_kernel(("cpu", "cuda"))
 def _(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-    backend = _backends.select(query.device)
-    if backend == "cpp":
-        return torch.ops.pymeta_cpu.proto_logits(query, protos, METRICS.index(metric), EPS)
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.proto_logits(query, protos, METRICS.index(metric), EPS)
-    if backend == "triton":
-        from pymeta.kernels import proto_logits as kernels
-
-        return kernels.forward(query, protos, METRICS.index(metric), EPS)
-    return reference_forward(query, protos, metric)
+    args = (query, protos, METRICS.index(metric), EPS)
+    return _backends.run(
+        _backends.select(query.device), "proto_logits", args, lambda: reference_forward(query, protos, metric)
+    )
 
 
 @torch.library.custom_op("pymeta::proto_logits_backward", mutates_args=())
@@ -134,20 +128,11 @@ def _(grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str) 
 
 @_backward_op.register_kernel(("cpu", "cuda"))
 def _(grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    backend = _backends.select(query.device)
-    if backend == "cpp":
-        return torch.ops.pymeta_cpu.proto_logits_backward(
-            grad, query, protos, logits, METRICS.index(metric), EPS
-        )
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.proto_logits_backward(
-            grad, query, protos, logits, METRICS.index(metric), EPS
-        )
-    if backend == "triton":
-        from pymeta.kernels import proto_logits as kernels
-
-        return kernels.backward(grad, query, protos, logits, METRICS.index(metric), EPS)
-    return reference_backward(grad, query, protos, logits, metric)
+    args = (grad, query, protos, logits, METRICS.index(metric), EPS)
+    return _backends.run(
+        _backends.select(query.device), "proto_logits_backward", args,
+        lambda: reference_backward(grad, query, protos, logits, metric),
+    )
 
 
 register_task_fold(_forward_op)

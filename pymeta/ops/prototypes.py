@@ -63,16 +63,10 @@ def _(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
 @_forward_op.register_kernel(("cpu", "cuda"))
 def _(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     backend = _backends.select(support.device)
-    if backend == "cpp":  # checks the labels itself, while counting
-        return torch.ops.pymeta_cpu.prototypes(support, labels, n_way)
-    if backend == "reference":
-        return reference_forward(support, labels, n_way)
-    _validate.class_counts(labels, n_way)
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.prototypes(support, labels, n_way)
-    from pymeta.kernels import prototypes as kernels
-
-    return kernels.forward(support, labels, n_way)
+    if backend in ("cuda", "triton"):  # the cpp kernel and the reference check the labels themselves
+        _validate.class_counts(labels, n_way)
+    args = (support, labels, n_way)
+    return _backends.run(backend, "prototypes", args, lambda: reference_forward(*args))
 
 
 @torch.library.custom_op("pymeta::prototypes_backward", mutates_args=())
@@ -88,16 +82,8 @@ def _(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
 @_backward_op.register_kernel(("cpu", "cuda"))
 def _(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
     # The forward checked the labels; the GPU kernels still mask out-of-range ones.
-    backend = _backends.select(grad.device)
-    if backend == "cpp":
-        return torch.ops.pymeta_cpu.prototypes_backward(grad, labels, n_way)
-    if backend == "cuda":
-        return torch.ops.pymeta_cuda.prototypes_backward(grad, labels, n_way)
-    if backend == "triton":
-        from pymeta.kernels import prototypes as kernels
-
-        return kernels.backward(grad, labels, n_way)
-    return reference_backward(grad, labels, n_way)
+    args = (grad, labels, n_way)
+    return _backends.run(_backends.select(grad.device), "prototypes_backward", args, lambda: reference_backward(*args))
 
 
 register_task_fold(_forward_op)

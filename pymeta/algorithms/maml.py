@@ -118,13 +118,22 @@ class MAML(nn.Module):
         Returns:
             ``[T, Q, ...]`` predictions of the adapted models (logits for classifiers).
         """
+        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        return self._adapt_and_predict(support_x, support_y, query_x, inner_loss)
+
+    def _checked_inner_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> LossFn:
+        """The inner-loop loss, after checking the episode's tensors against it and the model."""
         loss_fn = self.loss_fn or default_loss(support_y)
-        num_tasks = _validate.episode(
+        _validate.episode(
             support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
             model=self.module,
         )
+        return loss_fn
+
+    def _adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, loss_fn: LossFn) -> Tensor:
+        """:meth:`episode` on already checked inputs."""
         with self._picker.timed() as strategy:
-            weights = self._batched.expand(self._adaptable(), num_tasks)
+            weights = self._batched.expand(self._adaptable(), support_x.shape[0])
             weights = inner_loop(
                 self._batched, weights, support_x, support_y, loss_fn,
                 self._inner_lr(list(weights)), self.steps, self.first_order, strategy, self.check_finite,
@@ -161,17 +170,16 @@ class MAML(nn.Module):
         Returns:
             A scalar: the mean over tasks of each task's query loss.
         """
-        loss_fn = loss_fn or self.loss_fn or default_loss(support_y)
-        num_tasks = _validate.episode(
-            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
-            model=self.module,
-        )
+        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        loss_fn = loss_fn or inner_loss
+        num_tasks = support_x.shape[0]
         _validate.tensor("query_y", query_y)
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
 
         def task_loss_sum(tasks: slice) -> Tensor:
-            pred = self.episode(support_x[tasks], support_y[tasks], query_x[tasks])
+            # Checked above for all tasks: each chunk only adapts and predicts.
+            pred = self._adapt_and_predict(support_x[tasks], support_y[tasks], query_x[tasks], inner_loss)
             _validate.targets("query_y", pred, query_y[tasks], loss_fn)
             return self._batched.losses(loss_fn, pred, query_y[tasks], self._picker.chosen or "loop").sum()
 

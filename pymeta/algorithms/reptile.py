@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from pymeta import _validate
-from pymeta.algorithms.maml import MAML, default_loss
+from pymeta.algorithms.maml import MAML
 from pymeta.core.batched import LossFn
 from pymeta.core.inner_loop import inner_loop
 
@@ -79,11 +79,8 @@ class Reptile(MAML):
         Adds ``outer_scale * (p - mean_t phi_t)`` to ``p.grad`` (sets it when None), as
         ``backward()`` accumulates; call ``optimizer.zero_grad()`` first.
         """
-        loss_fn = self.loss_fn or default_loss(support_y)
-        num_tasks = _validate.episode(
-            support_x, support_y, support_x, classification=_validate.is_classification_loss(loss_fn),
-            model=self.module,
-        )
+        loss_fn = self._checked_inner_loss(support_x, support_y, support_x)
+        num_tasks = support_x.shape[0]
         # The direction is a constant: no outer graph (the inner loop still takes its grads).
         with torch.no_grad():
             params = self._adaptable()

@@ -2,6 +2,7 @@
 
 from pymeta import ops
 from pymeta.algorithms import ANIL, MAML, FineTune, MetaSGD, ProtoNet, Reptile
+from pymeta.cuda_graph import CUDAGraphStep
 
 __version__ = "0.1.0"
-__all__ = ["ANIL", "MAML", "FineTune", "MetaSGD", "ProtoNet", "Reptile", "__version__", "ops"]
+__all__ = ["ANIL", "MAML", "CUDAGraphStep", "FineTune", "MetaSGD", "ProtoNet", "Reptile", "__version__", "ops"]

@@ -3,14 +3,58 @@
 Each check raises ``TypeError`` (wrong kind/dtype) or ``ValueError`` (wrong shape/value)
 with a message naming the argument, what was expected and what was given, so a user
 never meets a crash deep inside a kernel or, worse, a silently wrong answer.
+
+Most checks read only shapes and dtypes. The few that read tensor *values* (label
+ranges, class counts) wait for the device; they go through :func:`value_check`, which
+:func:`deferred_value_checks` can turn into records instead, so that a meta-step can be
+captured as a CUDA graph (no host sync allowed) and its checks run before each replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """A check of the values of ``inputs`` (``run()`` raises ``ValueError`` on bad ones)."""
+
+    run: Callable[[], None]
+    inputs: tuple[Tensor, ...]
+
+
+_deferred: contextvars.ContextVar[list[ValueCheck] | None] = contextvars.ContextVar("deferred", default=None)
+
+
+@contextlib.contextmanager
+def deferred_value_checks() -> Iterator[list[ValueCheck]]:
+    """Inside the block, checks that read tensor values are recorded, not run.
+
+    Yields the list they are appended to. Each record reads only its ``inputs`` when
+    run, so rerunning it after new values are copied into those tensors checks the new
+    values (how :class:`pymeta.CUDAGraphStep` checks every batch before a replay).
+    """
+    checks: list[ValueCheck] = []
+    token = _deferred.set(checks)
+    try:
+        yield checks
+    finally:
+        _deferred.reset(token)
+
+
+def value_check(run: Callable[[], None], *inputs: Tensor) -> None:
+    """Run ``run()`` (a check reading only ``inputs``' values) now, or record it when deferred."""
+    checks = _deferred.get()
+    if checks is None:
+        run()
+    else:
+        checks.append(ValueCheck(run, inputs))
 
 
 def tensor(name: str, value: object) -> Tensor:
@@ -171,7 +215,10 @@ def targets(name: str, pred: Tensor, target: Tensor, loss_fn: object) -> None:
         raise ValueError(
             f"{name} holds class labels [T, S], so the model must output logits [T, S, C], got {tuple(pred.shape)}"
         )
-    classes = pred.shape[-1]
+    value_check(lambda: _labels_in_range(name, target, pred.shape[-1]), target)
+
+
+def _labels_in_range(name: str, target: Tensor, classes: int) -> None:
     bad = (target < 0) | (target >= classes)
     if bad.any():
         t, s = (int(i) for i in bad.nonzero()[0])
@@ -191,9 +238,20 @@ def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
     """Check the values of ``labels: [T, S]``; return the per-task class counts ``[T, n_way]``.
 
     Every label must lie in ``[0, n_way)`` and every class must occur in every task (a
-    class mean over no examples is undefined, not NaN). Reads the values: syncs on CUDA.
-    The C++ kernels raise the same messages.
+    class mean over no examples is undefined, not NaN). Reads the values: syncs on CUDA
+    (a :func:`value_check`). The C++ kernels raise the same messages.
     """
+    value_check(lambda: _class_counts_checked(labels, n_way, name), labels)
+    return _class_counts(labels.long(), n_way)
+
+
+def _class_counts(labels: Tensor, n_way: int) -> Tensor:
+    """``[T, n_way]`` per-task counts of ``labels: [T, S]`` (int64, values already checked)."""
+    counts = torch.zeros(labels.shape[0], n_way, dtype=torch.int64, device=labels.device)
+    return counts.scatter_add_(1, labels, torch.ones_like(labels))
+
+
+def _class_counts_checked(labels: Tensor, n_way: int, name: str) -> None:
     lab = labels.long()
     bad = (lab < 0) | (lab >= n_way)
     if bad.any():
@@ -201,8 +259,7 @@ def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
         raise ValueError(
             f"{name} must be in [0, n_way) = [0, {n_way}), got {name}[{t}, {s}] = {int(lab[t, s])}"
         )
-    counts = torch.zeros(lab.shape[0], n_way, dtype=torch.int64, device=lab.device)
-    counts.scatter_add_(1, lab, torch.ones_like(lab))
+    counts = _class_counts(lab, n_way)
     empty = (counts == 0).nonzero()
     if len(empty):
         t, c = (int(i) for i in empty[0])
@@ -210,7 +267,6 @@ def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
             f"class {c} has no example in task {t} of {name}: every class in "
             f"[0, n_way) = [0, {n_way}) needs at least one support example per task"
         )
-    return counts
 
 
 def interval(name: str, value: object, strict: bool = False) -> tuple[float, float]:

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pymeta import _validate, checkpoint, distributed
-from pymeta.core.batched import StrategyPicker
+from pymeta.algorithms.episode_loss import episode_loss
+from pymeta.core.batched import strategy_pickers
 from pymeta.data import Episode
 from pymeta.data._stream import batch_generator
 
@@ -214,22 +215,9 @@ def confidence(values: Tensor) -> Stats:
     return Stats(values.mean().item(), 1.96 * std / math.sqrt(n), n)
 
 
-def meta_loss(learner: nn.Module, episode: Episode, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Mean query loss over all tasks and queries of one episode batch."""
-    pred = learner.episode(episode.support_x, episode.support_y, episode.query_x)
-    return loss_fn(pred.flatten(0, 1), episode.query_y.flatten(0, 1))
-
-
 def episode_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
-    """The default outer step: query loss of the adapted learners, back-propagated.
-
-    A learner with a ``task_chunk`` (MAML family) takes it chunk by chunk instead.
-    """
-    if getattr(learner, "task_chunk", None) is not None:
-        loss = learner.meta_loss(episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-                                 loss_fn=spec.loss_fn)
-    else:
-        loss = meta_loss(learner, episode, spec.loss_fn)
+    """The default outer step: query loss of the adapted learners, back-propagated."""
+    loss = episode_loss(learner, *episode, spec.loss_fn)
     loss.backward()
     return loss.item()
 
@@ -342,7 +330,7 @@ def train(
             raise checkpoint.CheckpointError(f"checkpoint {resume}: optimizer state does not match: {exc}") from exc
         source.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
-        for name, picker in _strategy_pickers(learner).items():
+        for name, picker in strategy_pickers(learner).items():
             picker.chosen = state["strategies"].get(name) or picker.chosen
         history, best, running, first = state["history"], state["best_val"], state["running"], state["step"] + 1
         best_model = state.get("best_model", state["model"])
@@ -385,7 +373,7 @@ def train(
                     "config": config.to_dict(), "model": learner.state_dict(), "optimizer": opt.state_dict(),
                     "step": step, "history": history, "best_val": best, "running": running,
                     "data": source.state_dict(), "rng": _rng_state(),
-                    "strategies": {name: p.chosen for name, p in _strategy_pickers(learner).items()},
+                    "strategies": {name: p.chosen for name, p in strategy_pickers(learner).items()},
                 }
                 if improved:
                     checkpoint.save(config.out, state)
@@ -447,20 +435,6 @@ def load_model(learner: nn.Module, state: Mapping[str, Tensor], path: str | Path
         learner.load_state_dict(state)
     except RuntimeError as exc:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not match its config: {exc}") from exc
-
-
-def _strategy_pickers(learner: nn.Module) -> dict[str, StrategyPicker]:
-    """Every execution-strategy picker inside ``learner``, by module name.
-
-    A resumed run must keep the strategies the first part chose: "auto" decides by
-    timing, and another choice changes results by rounding.
-    """
-    return {
-        f"{name}.{attr}" if name else attr: value
-        for name, module in learner.named_modules()
-        for attr, value in vars(module).items()
-        if isinstance(value, StrategyPicker)
-    }
 
 
 def _rng_state() -> dict[str, Any]:

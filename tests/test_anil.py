@@ -15,7 +15,7 @@ from helpers import (
 from torch import nn
 
 import pymeta
-from pymeta import training
+from pymeta.core.batched import strategy_pickers
 
 
 def conv_bn_features() -> nn.Module:
@@ -81,14 +81,14 @@ def test_strategy_pickers_of_head_and_features_are_checkpointed():
     """"auto" picks the head's inner-loop strategy and, with BatchNorm in the features,
     the embedding's, separately; training checkpoints record both pickers by name."""
     anil, (sx, sy, qx, _) = build("conv_bn")
-    pickers = training._strategy_pickers(anil)
+    pickers = strategy_pickers(anil)
     assert pickers == {"head._picker": anil.head._picker, "_embed_picker": anil._embed_picker}
     for _ in range(40):  # warm-up and up to 15 timed calls per candidate
         if all(p.chosen is not None for p in pickers.values()):
             break
         anil.episode(sx, sy, qx)
     assert all(p.chosen in ("lowered", "vmap", "loop") for p in pickers.values())
-    assert set(training._strategy_pickers(build("mlp")[0])) == {"head._picker"}  # no BatchNorm: no choice
+    assert set(strategy_pickers(build("mlp")[0])) == {"head._picker"}  # no BatchNorm: no choice
 
 
 def test_learns_and_state_dict_round_trips():

@@ -9,8 +9,7 @@ from helpers import classification_episode, cluster_episode, conv_bn, mlp, relat
 from torch import nn
 
 import pymeta
-from pymeta import training
-from pymeta.core.batched import STRATEGIES
+from pymeta.core.batched import STRATEGIES, strategy_pickers
 
 CONCRETE_STRATEGIES = [s for s in STRATEGIES if s != "auto"]
 
@@ -131,9 +130,9 @@ def test_auto_picks_a_strategy_that_checkpoints_record():
             break
         protonet.episode(sx, sy, qx)
     assert protonet.strategy in CONCRETE_STRATEGIES
-    assert training._strategy_pickers(protonet) == {"_picker": protonet._picker}
+    assert strategy_pickers(protonet) == {"_picker": protonet._picker}
     no_bn = pymeta.ProtoNet(mlp(8, 5))
-    assert no_bn.strategy is None and training._strategy_pickers(no_bn) == {}
+    assert no_bn.strategy is None and strategy_pickers(no_bn) == {}
 
 
 def test_learns_and_state_dict_round_trips():

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from pymeta import _validate, ops
 from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
 from pymeta.core.batched import TaskBatched
+from pymeta.ops._backends import capturing
 from pymeta.ops.proto_logits import METRICS
 
 
@@ -33,6 +34,9 @@ class ProtoNet(nn.Module):
             for conv nets on CPU) or ``"lowered"``, as for :class:`pymeta.MAML`. All give
             the same logits and gradients. Without BatchNorm the examples of all tasks
             always run as one batch and ``strategy`` is only checked.
+        n_way: the number of classes N of every episode; default: inferred per episode
+            from the labels (see below). Fix it to skip that read of the labels, which
+            a CUDA graph cannot capture (:class:`pymeta.CUDAGraphStep`).
 
     ``episode`` embeds the support and query examples of all tasks, takes the prototypes
     with :func:`pymeta.ops.prototypes` and the logits with :func:`pymeta.ops.proto_logits`;
@@ -40,13 +44,19 @@ class ProtoNet(nn.Module):
     ``encoder`` uses per-task batch statistics (see ``batch_stats``), running statistics
     untouched (:mod:`pymeta.core.norms`).
 
-    The number of classes N is inferred per episode as ``support_y.max() + 1``: labels
-    are ``0..N-1`` and every class needs a support example in every task (checked; this
-    reads the labels, one device sync on GPU).
+    Without ``n_way`` the number of classes N is inferred per episode as
+    ``support_y.max() + 1``. Labels are ``0..N-1`` and every class needs a support
+    example in every task (checked; this reads the labels, one device sync on GPU).
     """
 
     def __init__(
-        self, encoder: nn.Module, metric: str = "sqeuclidean", *, batch_stats: str = "joint", strategy: str = "auto"
+        self,
+        encoder: nn.Module,
+        metric: str = "sqeuclidean",
+        *,
+        batch_stats: str = "joint",
+        strategy: str = "auto",
+        n_way: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(encoder, nn.Module):
@@ -54,6 +64,9 @@ class ProtoNet(nn.Module):
         self.encoder = encoder
         self.metric = _validate.choice("metric", metric, METRICS)
         self.batch_stats = _validate.choice("batch_stats", batch_stats, BATCH_STATS)
+        if n_way is not None and _validate.positive_int("n_way", n_way) < 2:
+            raise ValueError(f"n_way must be >= 2 (a ProtoNet classifies among N classes), got {n_way}")
+        self.n_way = n_way
         self._embedder = TaskBatched(encoder)
         # None without BatchNorm (nothing to choose); a checkpointed attribute otherwise.
         self._picker = embedding_picker(self._embedder, strategy)
@@ -80,10 +93,21 @@ class ProtoNet(nn.Module):
             ``[T, Q, N]`` logits (negative distances, or cosine similarities).
         """
         _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
-        n_way = int(support_y.max()) + 1
+        n_way = self.n_way or self._inferred_n_way(support_y)
         _validate.class_counts(support_y, n_way, "support_y")
-        if n_way < 2:
-            raise ValueError(f"support_y must hold at least 2 classes (labels 0..N-1), got only class {n_way - 1}")
         support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
         protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
         return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]
+
+    @staticmethod
+    def _inferred_n_way(support_y: Tensor) -> int:
+        """N from the labels ``0..N-1`` (reads them: a device sync, so never under capture)."""
+        if capturing():
+            raise RuntimeError(
+                "ProtoNet infers the number of classes from the values of support_y, which a CUDA graph "
+                "cannot capture: pass ProtoNet(..., n_way=N)"
+            )
+        n_way = int(support_y.max()) + 1
+        if n_way < 2:
+            raise ValueError(f"support_y must hold at least 2 classes (labels 0..N-1), got only class {n_way - 1}")
+        return n_way

@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from pymeta.core.lowered import Layer, NotLowerable, lower
 from pymeta.core.norms import EpisodeFunctions, has_batch_norm, has_max_pool2d
+from pymeta.ops._backends import capturing
 
 STRATEGIES = ("auto", "lowered", "vmap", "loop")
 FastWeights = dict[str, Tensor]
@@ -100,6 +101,11 @@ class StrategyPicker:
         includes what the caller does with the result in between -- the query loss and
         its ``backward()``, where strategies differ too -- and not just the forward.
         """
+        if self.chosen is None and capturing():
+            raise RuntimeError(
+                'strategy="auto" is still timing its candidates, which a CUDA graph cannot capture: '
+                f"warm up until it has chosen (it times {tuple(self._times)}) or pass a concrete strategy"
+            )
         if self.chosen is None:
             _synchronize()
             self._close_pending(time.perf_counter())
@@ -133,6 +139,20 @@ class StrategyPicker:
             # Candidates come in preference order; a later one must beat an earlier one by
             # more than the timing noise of a shared machine to be chosen.
             self.chosen = next(name for name, m in medians.items() if m <= fastest * (1 + self.tie))
+
+
+def strategy_pickers(module: nn.Module) -> dict[str, StrategyPicker]:
+    """Every execution-strategy picker inside ``module`` (a learner), by module name.
+
+    What must be settled before a meta-step can be captured as a CUDA graph, and what
+    a resumed run restores (another choice would change results by rounding).
+    """
+    return {
+        f"{name}.{attr}" if name else attr: value
+        for name, sub in module.named_modules()
+        for attr, value in vars(sub).items()
+        if isinstance(value, StrategyPicker)
+    }
 
 
 def _synchronize() -> None:

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from pymeta import _validate
 from pymeta.core.batched import FastWeights, LossFn, TaskBatched
 from pymeta.ops import inner_sgd
+from pymeta.ops._backends import capturing
 
 InnerLR = float | Tensor | Sequence[Tensor]
 
@@ -162,6 +163,11 @@ def check_finite_step(step: int, losses: Tensor, grads: FastWeights) -> None:
     a finite loss with a non-finite gradient, the weight. All tasks are checked with
     one device sync; the slow path that builds the message runs only on failure.
     """
+    if capturing():
+        raise RuntimeError(
+            "check_finite reads the inner losses and gradients on the host, which a CUDA graph "
+            "cannot capture: construct the learner with check_finite=False"
+        )
     bad_loss = ~torch.isfinite(losses.detach())  # [T]
     # [P, T]: whether weight p of task t has a non-finite gradient entry.
     bad_grad = torch.stack([~torch.isfinite(g.detach()).reshape(g.shape[0], -1).all(1) for g in grads.values()])

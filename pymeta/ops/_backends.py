@@ -9,6 +9,9 @@ Per call, for the device of the inputs:
 ``PYMETA_BACKEND=reference|cpp|cuda|triton`` (or the :func:`force_backend` context
 manager) forces one; a forced backend that cannot run raises with the reason instead of
 silently running something else.
+
+While a CUDA graph is being captured (:class:`pymeta.CUDAGraphStep`), an op whose GPU
+kernels cannot be captured runs on the reference instead (see :func:`select`).
 """
 
 from __future__ import annotations
@@ -93,14 +96,29 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def select(device: torch.device) -> str:
-    """The backend an op runs on for inputs on ``device``."""
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def select(device: torch.device, uncapturable: str | None = None) -> str:
+    """The backend an op runs on for inputs on ``device``.
+
+    ``uncapturable``: why the op's GPU kernels cannot be captured in a CUDA graph, if
+    they cannot; during a capture such an op runs on the reference (whose torch ops can
+    be captured), and forcing a GPU backend for it raises with that reason.
+    """
     forced = forced_backend()
+    no_gpu_kernels = uncapturable is not None and device.type == "cuda" and capturing()
     if forced is not None:
         reason = unavailable_reason(forced, device)
+        if reason is None and no_gpu_kernels and forced in ("cuda", "triton"):
+            reason = f"a CUDA graph is being captured and {uncapturable}"
         if reason is not None:
             raise RuntimeError(f"pymeta backend {forced!r} was forced but cannot run here: {reason}")
         return forced
+    if no_gpu_kernels:
+        return "reference"
     order = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
     for backend in order:
         if unavailable_reason(backend, device) is None:

@@ -29,6 +29,10 @@ Autograd is a ``torch.autograd.Function`` around the forward op (``setup_context
 ``generate_vmap_rule=True``, so ``torch.func.grad`` and ``vmap`` work); its backward uses
 the fused backward op unless a graph is being built (second-order MAML), where it composes
 differentiable torch ops instead.
+
+While a CUDA graph is captured the GPU kernels step aside for the reference: their
+launchers upload a table of tensor addresses from host memory per call, which a graph
+cannot replay (a graph also removes the launch cost the table exists to save).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from torch import Tensor
 
 from pymeta import _validate
 from pymeta.ops import _backends
+
+_UNCAPTURABLE = "the inner_sgd GPU kernels upload a host-memory address table per call"
 
 
 @functools.cache
@@ -160,7 +166,8 @@ def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float)
 def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
     _check(params, grads, lr)
     args = (params, grads, lr, scale)
-    return _backends.run(_backends.select(params[0].device), "inner_sgd", args, lambda: reference_forward(*args))
+    backend = _backends.select(params[0].device, _UNCAPTURABLE)
+    return _backends.run(backend, "inner_sgd", args, lambda: reference_forward(*args))
 
 
 def _batch_first(x: Tensor, bdim: int | None, ndim: int) -> Tensor:
@@ -219,9 +226,8 @@ def _(
     # Without lr gradients the grads are never read, and the caller need not keep them.
     _check(grad_outs, grads if need_lr else grad_outs, lr, names=("grad_outs", "grads"))
     args = (grad_outs, grads, lr, scale, need_grads, need_lr)
-    return _backends.run(
-        _backends.select(grad_outs[0].device), "inner_sgd_backward", args, lambda: reference_backward(*args)
-    )
+    backend = _backends.select(grad_outs[0].device, _UNCAPTURABLE)
+    return _backends.run(backend, "inner_sgd_backward", args, lambda: reference_backward(*args))
 
 
 class _InnerSGD(torch.autograd.Function):

@@ -1,0 +1,249 @@
+"""CUDA-graph capture of a meta-step (:class:`pymeta.CUDAGraphStep`).
+
+A CUDA graph cannot capture a host sync. Without a GPU the capture itself cannot run,
+so the CPU tests check the property it needs on the real code path: a whole meta-step
+(meta-loss, backward, optimizer step) of every learner dispatches no ATen op that
+reads a value back to the host once the value checks are deferred, and the deferred
+checks still catch bad labels in a later batch. The tests marked ``cuda`` capture and
+replay for real, against the eager step, wherever a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import classification_episode, conv_bn, regression_episode
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pymeta
+from pymeta import _validate
+from pymeta.algorithms.episode_loss import episode_loss
+from pymeta.cuda_graph import _checks_on_inputs
+
+aten = torch.ops.aten
+# Ops whose CUDA kernels copy a value to the host (item/bool/int, data-dependent shapes).
+_SYNC_OPS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default,
+    aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default,
+    aten.unique_dim.default, aten.repeat_interleave.Tensor,
+}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops of :data:`_SYNC_OPS` dispatched inside, and boolean-mask indexing
+    (its CUDA kernel runs ``nonzero``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func is aten.index.Tensor and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )
+        if func in _SYNC_OPS or masked:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _learners() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    """A learner of every kind with a batch it trains on (concrete strategies: "auto"
+    must have chosen before a capture)."""
+    cls = classification_episode(tasks=3, ways=4, shots=2, queries=3)
+    reg = regression_episode()
+    mlp = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def features() -> nn.Module:
+        return nn.Sequential(*list(conv_bn().children())[:-1])
+
+    return {
+        "maml-lowered": (pymeta.MAML(conv_bn(), lr=0.1, steps=2, strategy="lowered"), cls),
+        "maml-loop-chunked": (pymeta.MAML(conv_bn(), lr=0.1, strategy="loop", task_chunk=2), cls),
+        "maml-vmap-checkpointed": (pymeta.MAML(conv_bn(), lr=0.1, steps=2, strategy="vmap",
+                                               checkpoint_steps=True), cls),
+        "fomaml-regression": (pymeta.MAML(mlp, lr=0.1, first_order=True, strategy="lowered"), reg),
+        "metasgd": (pymeta.MetaSGD(conv_bn(), lr=0.1, strategy="loop"), cls),
+        "anil": (pymeta.ANIL(features(), nn.Linear(16, 4), lr=0.1, strategy="loop"), cls),
+        "protonet": (pymeta.ProtoNet(features(), strategy="loop", n_way=4), cls),
+        "finetune": (pymeta.FineTune(features(), n_way=4, lr=0.1, steps=3, base_classes=10, feature_dim=16,
+                                     strategy="loop"), cls),
+    }
+
+
+LEARNERS = ("maml-lowered", "maml-loop-chunked", "maml-vmap-checkpointed", "fomaml-regression", "metasgd", "anil",
+            "protonet", "finetune")
+
+
+def _meta_step(learner: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """What CUDAGraphStep captures with an optimizer: loss, backward, optimizer step.
+
+    SGD with momentum steps on the device as is; Adam reads its step count on the host
+    unless ``capturable=True``, which is for CUDA tensors only.
+    """
+    opt = torch.optim.SGD(learner.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = F.mse_loss if batch[1].is_floating_point() else F.cross_entropy
+    loss = episode_loss(learner, *batch, loss_fn)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_meta_step_has_no_host_sync_with_deferred_checks(name: str) -> None:
+    learner, batch = _learners()[name]
+    learner.double()
+    with HostSyncs() as eager:
+        _meta_step(learner, batch)
+    with _validate.deferred_value_checks() as checks, HostSyncs() as deferred:
+        _meta_step(learner, batch)
+    print(f"{name}: eager host syncs {eager.ops}, deferred {deferred.ops}, {len(checks)} deferred checks")
+    # Classification steps check labels (the detector must see it eagerly, or this test
+    # checks nothing); regression steps have nothing to check.
+    assert bool(eager.ops) == bool(checks) == (not batch[1].is_floating_point())
+    assert deferred.ops == []
+    # Each deferred check reads only the batch, so it can run on a new batch before a replay.
+    _checks_on_inputs(checks, batch)
+
+
+@pytest.mark.parametrize(
+    ("name", "where", "message"),
+    [
+        ("maml-lowered", (1, 0, 2), r"support_y must hold class labels in \[0, 4\).*support_y\[0, 2\] = 7"),
+        ("maml-loop-chunked", (3, 2, 1), r"query_y must hold class labels in \[0, 4\).*query_y\[0, 1\] = 7"),
+        ("protonet", (1, 1, 0), r"support_y must be in \[0, n_way\) = \[0, 4\), got support_y\[1, 0\] = 7"),
+        ("finetune", (1, 2, 5), r"support_y must be in \[0, n_way\) = \[0, 4\), got support_y\[2, 5\] = 7"),
+    ],
+)
+def test_deferred_checks_catch_bad_labels_of_a_later_batch(name: str, where: tuple[int, int, int], message: str) -> None:
+    learner, batch = _learners()[name]
+    learner.double()
+    with _validate.deferred_value_checks() as checks:
+        _meta_step(learner, batch)
+    for check in checks:  # the recorded batch is fine
+        check.run()
+    tensor, t, s = where
+    batch[tensor][t, s] = 7  # the next batch, copied into the same tensors
+    with pytest.raises(ValueError, match=message):
+        for check in checks:
+            check.run()
+
+
+def test_deferred_checks_catch_a_missing_class() -> None:
+    learner, batch = _learners()["protonet"]
+    learner.double()
+    with _validate.deferred_value_checks() as checks:
+        _meta_step(learner, batch)
+    batch[1][2] = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])  # class 3 missing in task 2
+    with pytest.raises(ValueError, match="class 3 has no example in task 2 of support_y"):
+        for check in checks:
+            check.run()
+
+
+def test_a_check_on_a_computed_tensor_is_refused() -> None:
+    sx, sy, qx, qy = classification_episode()
+    with _validate.deferred_value_checks() as checks:
+        _validate.class_counts(sy.clone(), 4)
+    with pytest.raises(RuntimeError, match=r"computed inside the step.*validate=False"):
+        _checks_on_inputs(checks, (sx, sy, qx, qy))
+
+
+def test_protonet_fixed_n_way_equals_inferred() -> None:
+    sx, sy, qx, _ = classification_episode()
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 8)).double()
+    inferred = pymeta.ProtoNet(encoder).episode(sx, sy, qx)
+    fixed = pymeta.ProtoNet(encoder, n_way=4).episode(sx, sy, qx)
+    assert torch.equal(inferred, fixed)
+    with pytest.raises(ValueError, match=r"support_y must be in \[0, n_way\) = \[0, 3\)"):
+        pymeta.ProtoNet(encoder, n_way=3).episode(sx, sy, qx)
+    with pytest.raises(ValueError, match="class 4 has no example in task 0 of support_y"):
+        pymeta.ProtoNet(encoder, n_way=5).episode(sx, sy, qx)
+    with pytest.raises(ValueError, match="n_way must be >= 2"):
+        pymeta.ProtoNet(encoder, n_way=1)
+
+
+def test_step_without_cuda_or_with_bad_arguments_raises_clearly() -> None:
+    learner, batch = _learners()["maml-lowered"]
+    with pytest.raises(TypeError, match="example must be a batch"):
+        pymeta.CUDAGraphStep(learner, batch[:3])
+    with pytest.raises(TypeError, match="learner must be a pymeta learner"):
+        pymeta.CUDAGraphStep(nn.Linear(1, 1), batch)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device is visible to torch"):
+            pymeta.CUDAGraphStep(learner, batch)
+    else:
+        with pytest.raises(ValueError, match="example must be on a CUDA device"):
+            pymeta.CUDAGraphStep(learner, batch)
+
+
+# ------------------------------------------------------------------ real capture (GPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _on_cuda(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """The learner in float32 on the GPU and three batches of its example's shapes."""
+    learner, batch = _learners()[name]
+    batches = [tuple(t.cuda() for t in batch)]
+    for _ in range(2):
+        batches.append(tuple((torch.randn_like(t) if t.is_floating_point() else t).cuda() for t in batch))
+    return learner.float().cuda(), [tuple(t.float() if t.is_floating_point() else t for t in b) for b in batches]
+
+
+@cuda
+@pytest.mark.parametrize("name", LEARNERS)
+def test_replayed_gradients_equal_eager(name: str) -> None:
+    learner, batches = _on_cuda(name)
+    step = pymeta.CUDAGraphStep(learner, batches[0])
+    loss_fn = F.mse_loss if batches[0][1].is_floating_point() else F.cross_entropy
+    for batch in batches[1:]:
+        loss = step(*batch)
+        replayed = [p.grad.clone() for p in learner.parameters()]
+        learner.zero_grad(set_to_none=True)
+        eager = episode_loss(learner, *batch, loss_fn)
+        eager.backward()
+        print(f"{name}: loss {loss.item():.6f} vs eager {eager.item():.6f}")
+        torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-6)
+        for r, p in zip(replayed, learner.parameters(), strict=True):
+            torch.testing.assert_close(r, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_whole_training_step_equals_eager_adam() -> None:
+    learner, batches = _on_cuda("maml-lowered")
+    twin = _learners()["maml-lowered"][0].float().cuda()
+    twin.load_state_dict(learner.state_dict())
+    step = pymeta.CUDAGraphStep(learner, batches[0], optimizer=torch.optim.Adam(learner.parameters(), 1e-3,
+                                                                               capturable=True))
+    opt = torch.optim.Adam(twin.parameters(), 1e-3, capturable=True)
+    for _ in range(3):  # the warm-up steps CUDAGraphStep took on the example
+        opt.zero_grad()
+        episode_loss(twin, *batches[0], F.cross_entropy).backward()
+        opt.step()
+    for batch in batches[1:]:
+        step(*batch)
+        opt.zero_grad()
+        episode_loss(twin, *batch, F.cross_entropy).backward()
+        opt.step()
+    for a, b in zip(learner.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_replay_checks_labels_shapes_and_options() -> None:
+    learner, batches = _on_cuda("maml-lowered")
+    step = pymeta.CUDAGraphStep(learner, batches[0])
+    bad = list(batches[1])
+    bad[1] = bad[1].clone()
+    bad[1][0, 0] = 9
+    with pytest.raises(ValueError, match=r"support_y must hold class labels in \[0, 4\)"):
+        step(*bad)
+    with pytest.raises(ValueError, match=r"query_x must have the example's shape"):
+        step(*batches[1][:2], batches[1][2][:, :3], batches[1][3])
+    with pytest.raises(ValueError, match="capturable=False"):
+        pymeta.CUDAGraphStep(learner, batches[0], optimizer=torch.optim.Adam(learner.parameters()))
+    with pytest.raises(ValueError, match="n_way=N"):
+        pymeta.CUDAGraphStep(pymeta.ProtoNet(conv_bn().cuda()), batches[0])
+    auto = pymeta.MAML(conv_bn().cuda(), lr=0.1)  # warm-up runs until "auto" has chosen
+    pymeta.CUDAGraphStep(auto, batches[0], max_warmup=100)
+    assert auto.strategy is not None

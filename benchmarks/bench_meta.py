@@ -43,7 +43,11 @@ library (log scale, ``benchmarks/results/meta.png``), the goal lines of the issu
 ``--device cuda`` puts every library's data and model on the current CUDA device (the
 same numbers as on CPU: data and weights are generated on the CPU from fixed seeds, then
 moved); without a CUDA device visible to torch it exits with an error, never falling back
-to the CPU.
+to the CPU. There, ``--libraries pymeta "pymeta[cuda_graph=1]" learn2learn ...`` adds
+pymeta with its meta-step captured once as a CUDA graph and replayed
+(:class:`pymeta.CUDAGraphStep`): its ATen-op count is then that of a replay call (the
+copies of the batch into the graph's inputs and the label checks), its FLOPs are not
+seen (``-``), and its kernels column counts what the profiler sees of the replay.
 
 Peers need their own venv (``benchmarks/README.md``); with any other Python they are
 reported as skipped and pymeta and torch.func still run.
@@ -481,7 +485,7 @@ def _kernels(e: Entry, device: str) -> str:
 def print_table(entries: list[Entry], peak: float, threads: int, device: str = "cpu") -> None:
     """The results table (printed last)."""
     by_key = {(e.workload, e.library): e for e in entries}
-    head = (f"{'workload':23s} {'library':12s} {'strategy':11s} {'tasks/s':>10s} {'ms/step':>9s} "
+    head = (f"{'workload':23s} {'library':20s} {'strategy':11s} {'tasks/s':>10s} {'ms/step':>9s} "
             f"{'x base':>7s} {'ATen ops':>9s} {'non-view':>9s} {'kernels':>8s} {'peak MiB':>9s} "
             f"{'MFLOP':>9s} {'%peak':>6s}  grad check")  # fmt: skip
     print(f"\nmeta-step per library on {device}: median over "
@@ -499,14 +503,14 @@ def print_table(entries: list[Entry], peak: float, threads: int, device: str = "
         last = e.workload
         if not e.ok or not e.times:
             status = e.status if not e.ok else "not timed"
-            print(f"{e.workload:23s} {e.library:12s} {status}")
+            print(f"{e.workload:23s} {e.library:20s} {status}")
             continue
         m = e.measures
         base = by_key.get((e.workload, baseline_name(e.workload)))
         ratio = paired_ratio(e, base) if base else None
         pct = 100 * m.flops / e.median / peak if m and m.flops else None
         print(
-            f"{e.workload:23s} {e.library:12s} {e.strategy or '-':11s} {e.tasks_per_s:10.1f} "
+            f"{e.workload:23s} {e.library:20s} {e.strategy or '-':11s} {e.tasks_per_s:10.1f} "
             f"{1e3 * e.median:9.2f} {_fmt(ratio, '7.2f') or '-':>7s} "
             f"{m.ops.total if m else '-':>9} {m.ops.non_view if m else '-':>9} "
             f"{_kernels(e, device) or '-':>8s} "

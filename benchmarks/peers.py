@@ -390,15 +390,20 @@ def _maml_pymeta(
     steps: int,
     first_order: bool,
     loss_fn: LossFn,
-    strategy: str = "auto",
     metasgd: bool = False,
+    *,
+    strategy: str = "auto",
     task_chunk: int | None = None,
     checkpoint_steps: bool = False,
+    cuda_graph: bool = False,
 ) -> MetaStep:
     """pymeta ``MAML`` (or ``MetaSGD``): one batched ``episode`` over all tasks, the mean
-    query loss over tasks, one ``backward()``; with ``task_chunk``, ``meta_loss(...,
-    task_chunk=task_chunk).backward()`` instead (gradients taken chunk by chunk, one
-    chunk's graph in memory). ``checkpoint_steps``: recompute inner steps in backward.
+    query loss over tasks, one ``backward()``.
+
+    pymeta's options (the ``pymeta[...]`` peer names): ``strategy``; ``task_chunk``:
+    gradients taken chunk by chunk in ``meta_loss``, one chunk's graph in memory;
+    ``checkpoint_steps``: recompute inner steps in backward; ``cuda_graph``: the step is
+    captured once as a CUDA graph (:class:`pymeta.CUDAGraphStep`) and replayed.
 
     With equally many queries per task, ``loss_fn`` (mean reduction) of the flattened
     ``[T * Q, ...]`` predictions is the mean over tasks of the per-task query losses, as
@@ -407,20 +412,38 @@ def _maml_pymeta(
     pymeta = _import_peer("pymeta", "pymeta")
     cls = pymeta.MetaSGD if metasgd else pymeta.MAML
     algo = cls(model, lr=lr, first_order=first_order, steps=steps, loss_fn=loss_fn,
-               strategy=strategy, checkpoint_steps=bool(checkpoint_steps))  # fmt: skip
+               strategy=strategy, checkpoint_steps=bool(checkpoint_steps), task_chunk=task_chunk)  # fmt: skip
     params = list(algo.parameters())  # the model's, then (Meta-SGD) the lrs: learn2learn's order
-    sx, sy, qx = data.support_x, data.support_y, data.query_x
-    qy = data.query_y.flatten(0, 1)
+    return _pymeta_step(algo, data, loss_fn, params, cuda_graph, lambda: algo.strategy)
+
+
+def _pymeta_step(
+    learner: nn.Module,
+    data: Episodes,
+    loss_fn: LossFn,
+    params: list[Tensor],
+    cuda_graph: bool,
+    strategy: Callable[[], str | None],
+) -> MetaStep:
+    """The meta-step of a pymeta learner: ``episode_loss(...).backward()``, or a replay of
+    it captured as a CUDA graph (which needs the data on a CUDA device)."""
+    pymeta = _import_peer("pymeta", "pymeta")
+    batch = (data.support_x, data.support_y, data.query_x, data.query_y)
+    if cuda_graph:
+        if data.support_x.device.type != "cuda":
+            raise PeerUnavailable("pymeta[cuda_graph=1]", "CUDA graphs need a CUDA device (--device cuda)")
+        graphed = pymeta.CUDAGraphStep(learner, batch, loss_fn=loss_fn)
+
+        def step_graphed() -> None:
+            graphed(*batch)
+
+        return MetaStep(step_graphed, params, strategy)
 
     def step() -> None:
         _zero_grads(params)
-        if task_chunk:
-            algo.meta_loss(sx, sy, qx, data.query_y, task_chunk=task_chunk).backward()
-            return
-        pred = algo.episode(sx, sy, qx)
-        loss_fn(pred.flatten(0, 1), qy).backward()
+        pymeta.algorithms.episode_loss(learner, *batch, loss_fn).backward()
 
-    return MetaStep(step, params, lambda: algo.strategy)
+    return MetaStep(step, params, strategy)
 
 
 def _maml(
@@ -432,14 +455,11 @@ def _maml(
     steps: int,
     first_order: bool,
     loss_fn: LossFn,
-    strategy: str = "auto",
-    task_chunk: int | None = None,
-    checkpoint_steps: bool = False,
+    **options: Any,
 ) -> MetaStep:
-    """Dispatch a MAML workload to the peer's implementation (the last three: pymeta's)."""
+    """Dispatch a MAML workload to the peer's implementation (``options``: pymeta's)."""
     if peer == "pymeta":
-        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy,
-                            task_chunk=task_chunk, checkpoint_steps=checkpoint_steps)  # fmt: skip
+        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, **options)
     if peer == "learn2learn":
         return _maml_learn2learn(model, data, lr, steps, first_order, loss_fn)
     if peer == "higher":
@@ -465,17 +485,17 @@ def sinusoid_maml(
     lr: float = 0.01,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    strategy: str = "auto",
     device: torch.device | str = "cpu",
+    **options: Any,
 ) -> MetaStep:
     """(a) Sinusoid regression, MLP 1-40-40-1, MAML (second order by default), MSE loss.
 
-    ``strategy`` is pymeta's execution strategy (the other peers ignore it); data and
-    model go to ``device``.
+    ``options`` are pymeta's (:func:`_maml_pymeta`; the other peers ignore them); data
+    and model go to ``device``.
     """
     data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype).to(device)
     model = make_mlp(seed=seed, dtype=dtype).to(device)
-    return _maml("sinusoid_maml", peer, model, data, lr, steps, first_order, F.mse_loss, strategy)
+    return _maml("sinusoid_maml", peer, model, data, lr, steps, first_order, F.mse_loss, **options)
 
 
 def conv4_maml(
@@ -490,32 +510,30 @@ def conv4_maml(
     lr: float = 0.4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    strategy: str = "auto",
-    task_chunk: int | None = None,
-    checkpoint_steps: bool = False,
     device: torch.device | str = "cpu",
+    **options: Any,
 ) -> MetaStep:
     """(b) 28x28 grayscale 5-way 1-shot, conv4 + linear head, MAML, cross-entropy.
 
-    ``strategy``, ``task_chunk`` and ``checkpoint_steps`` are pymeta's options (see
-    :func:`_maml_pymeta`; the other peers ignore them); data and model go to ``device``.
+    ``options`` are pymeta's (:func:`_maml_pymeta`; the other peers ignore them); data
+    and model go to ``device``.
     """
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     data = data.to(device)
     model = make_conv4(n_way, seed=seed, dtype=dtype).to(device)
-    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, strategy,
-                 task_chunk, checkpoint_steps)  # fmt: skip
+    return _maml("conv4_maml", peer, model, data, lr, steps, first_order, F.cross_entropy, **options)
 
 
 def _protonet_model(
-    peer: str, encoder: nn.Module, strategy: str = "auto"
+    peer: str, encoder: nn.Module, n_way: int, strategy: str = "auto"
 ) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """``(module, logits)`` of a ProtoNet peer: ``logits(sx, sy, qx)`` gives ``[T, Q, N]``
     negative plain Euclidean distances of each query to its task's class means.
 
     Both embed a task's support and query images in separate encoder calls, so BatchNorm
     normalises each with its own statistics (pymeta: ``batch_stats="separate"``).
-    ``strategy`` is pymeta's execution strategy (ignored by easyfsl)."""
+    ``strategy`` is pymeta's execution strategy (ignored by easyfsl); pymeta is told
+    ``n_way`` (easyfsl infers it from the labels)."""
     if peer == "easyfsl":
         methods = _import_peer("easyfsl", "easyfsl.methods")
         model = methods.PrototypicalNetworks(encoder)
@@ -530,7 +548,7 @@ def _protonet_model(
         return model, logits_easyfsl
     if peer == "pymeta":
         pymeta = _import_peer("pymeta", "pymeta")
-        proto = pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate", strategy=strategy)
+        proto = pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate", strategy=strategy, n_way=n_way)
         return proto, proto.episode
     raise _unknown("conv4_protonet", peer)
 
@@ -546,6 +564,7 @@ def conv4_protonet(
     dtype: torch.dtype = torch.float32,
     batch_norm: bool = True,
     strategy: str = "auto",
+    cuda_graph: bool = False,
     device: torch.device | str = "cpu",
 ) -> MetaStep:
     """(c) ProtoNet on the conv4 encoder (no head), same episodes as :func:`conv4_maml`.
@@ -556,8 +575,9 @@ def conv4_protonet(
     query images (BatchNorm statistics per call), as easyfsl does.
 
     pymeta: ``ProtoNet(encoder, metric="euclidean", batch_stats="separate",
-    strategy=strategy)``, one ``episode`` over all tasks, the mean cross-entropy, one
-    ``backward()``. ``batch_stats="separate"`` embeds each task's support and query images
+    strategy=strategy, n_way=n_way)``, one ``episode`` over all tasks, the mean
+    cross-entropy, one ``backward()`` (``cuda_graph``: captured as a CUDA graph and
+    replayed, :class:`pymeta.CUDAGraphStep`). ``batch_stats="separate"`` embeds each task's support and query images
     in separate encoder batches, as easyfsl does, so the logits agree with easyfsl's to
     float32 rounding (pymeta's default, ``"joint"``, takes BatchNorm statistics over
     both). ``strategy`` (``"auto"``, ``"vmap"``, ``"loop"``, ...) is how pymeta runs the
@@ -568,21 +588,14 @@ def conv4_protonet(
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     data = data.to(device)
     encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm).to(device)
-    model, logits = _protonet_model(peer, encoder, strategy)
+    model, _ = _protonet_model(peer, encoder, n_way, strategy)
     params = list(model.parameters())
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
 
     if peer == "pymeta":
-        qy_flat = qy.flatten(0, 1)
-
-        def step_pymeta() -> None:
-            _zero_grads(params)
-            F.cross_entropy(logits(sx, sy, qx).flatten(0, 1), qy_flat).backward()
-
-        if not batch_norm:
-            return MetaStep(step_pymeta, params, lambda: "one batch")
-        return MetaStep(step_pymeta, params, lambda: model.strategy)
+        strategy_of = (lambda: model.strategy) if batch_norm else (lambda: "one batch")
+        return _pymeta_step(model, data, F.cross_entropy, params, cuda_graph, strategy_of)
 
     def step() -> None:
         _zero_grads(params)
@@ -612,7 +625,7 @@ def protonet_logits(
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     data = data.to(device)
     encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm).to(device)
-    _, logits = _protonet_model(peer, encoder, strategy)
+    _, logits = _protonet_model(peer, encoder, n_way, strategy)
     with torch.no_grad():
         return logits(data.support_x, data.support_y, data.query_x)
 
@@ -628,14 +641,14 @@ def sinusoid_metasgd(
     lr: float = 0.01,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    strategy: str = "auto",
     device: torch.device | str = "cpu",
+    **options: Any,
 ) -> MetaStep:
     """(d) Meta-SGD on the sinusoid workload: per-element learnable inner lrs (init ``lr``).
 
     ``params`` are the model's parameters followed by the lrs (learn2learn's order).
-    ``strategy`` is pymeta's execution strategy (the other peers ignore it); data, model
-    and learnable lrs are on ``device``.
+    ``options`` are pymeta's (:func:`_maml_pymeta`; the other peers ignore them); data,
+    model and learnable lrs are on ``device``.
     """
     data = sinusoid_tasks(tasks, shots, queries, seed=seed, dtype=dtype).to(device)
     model = make_mlp(seed=seed, dtype=dtype).to(device)
@@ -644,7 +657,7 @@ def sinusoid_metasgd(
     loss_fn = F.mse_loss
 
     if peer == "pymeta":
-        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, strategy, metasgd=True)
+        return _maml_pymeta(model, data, lr, steps, first_order, loss_fn, metasgd=True, **options)
 
     if peer == "learn2learn":
         l2l = _import_peer("learn2learn", "learn2learn")

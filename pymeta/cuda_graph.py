@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate
-from pymeta.algorithms.episode_loss import episode_loss
+from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.algorithms.protonet import ProtoNet
 from pymeta.core.batched import strategy_pickers
 
@@ -47,7 +47,7 @@ class CUDAGraphStep:
     Args:
         learner: a pymeta learner with ``episode`` (MAML, MetaSGD, ANIL, ProtoNet with
             ``n_way``, FineTune); with a ``task_chunk`` its chunked ``meta_loss`` is
-            captured instead (:func:`pymeta.algorithms.episode_loss.episode_loss`).
+            captured instead (:func:`pymeta.algorithms.outer_loss.episode_loss`).
         example: ``(support_x [T, S, ...], support_y, query_x [T, Q, ...], query_y)`` on
             one CUDA device: every call must pass tensors of these shapes and dtypes.
             The warm-up trains on it (below), so pass the first real batch.

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pymeta import _validate, checkpoint, distributed
-from pymeta.algorithms.episode_loss import episode_loss
+from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.core.batched import strategy_pickers
 from pymeta.data import Episode
 from pymeta.data._stream import batch_generator

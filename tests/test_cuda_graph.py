@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pymeta
 from pymeta import _validate
-from pymeta.algorithms.episode_loss import episode_loss
+from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.cuda_graph import _checks_on_inputs
 
 aten = torch.ops.aten

@@ -44,6 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="maml/fomaml/metasgd: meta-gradient K tasks at a time (memory of K tasks' graphs)")
     p.add_argument("--checkpoint-steps", action="store_true",
                    help="maml/metasgd, second order: recompute inner steps in backward (memory for long loops)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each meta-step as a CUDA graph on the first batch and replay it "
+                        "(maml/fomaml/metasgd/anil/protonet on --device cuda; inner NaN/inf checks off)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--val-every", type=int, help="validate every N steps (default: 10 times per run)")
     p.add_argument("--val-episodes", type=int, default=defaults.val_episodes, help="validation tasks")

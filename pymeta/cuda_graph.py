@@ -18,6 +18,8 @@ What a captured step cannot do, and what takes its place:
   classes, a class with no support example) are recorded during capture and, with
   ``validate=True``, run on every new batch before its replay (one sync); the
   ``check_finite`` option of the learners cannot be captured and is refused.
+* ``checkpoint_steps`` is refused too: it replays the RNG state, which cannot be read
+  during a capture.
 * ``strategy="auto"`` must have chosen before the capture: the warm-up runs until every
   picker in the learner has (its timing needs the host).
 * ProtoNet must be given ``n_way`` (inferring it reads the labels).
@@ -85,13 +87,13 @@ class CUDAGraphStep:
     ) -> None:
         if not isinstance(learner, nn.Module) or not hasattr(learner, "episode"):
             raise TypeError(f"learner must be a pymeta learner (an nn.Module with episode), got {type(learner).__name__}")
+        _check_host_free(learner)
+        if optimizer is not None:
+            _check_capturable(optimizer)
         self.static = _checked_example(example)
         device = self.static[0].device
         _check_cuda(device)
         _check_parameters(learner, device)
-        if optimizer is not None:
-            _check_capturable(optimizer)
-        _check_host_free(learner)
         self.learner = learner
         self.optimizer = optimizer
         self.loss_fn = loss_fn or (F.mse_loss if self.static[1].is_floating_point() else F.cross_entropy)
@@ -182,10 +184,12 @@ def _check_parameters(learner: nn.Module, device: torch.device) -> None:
 
 def _check_host_free(learner: nn.Module) -> None:
     """Refuse learner options that need the host during a step (see the module docstring)."""
-    finite = [name or "learner" for name, m in learner.named_modules() if getattr(m, "check_finite", False)]
-    if finite:
-        raise ValueError(f"{finite[0]} has check_finite=True, which reads values on the host and cannot be "
-                         "captured in a CUDA graph: construct it with check_finite=False")
+    for option, why in (("check_finite", "reads values on the host"),
+                        ("checkpoint_steps", "saves and restores the RNG state, which a capture cannot read")):
+        on = [name or "learner" for name, m in learner.named_modules() if getattr(m, option, False)]
+        if on:
+            raise ValueError(f"{on[0]} has {option}=True, which {why}: a CUDA graph cannot capture it; "
+                             f"construct it with {option}=False")
     if isinstance(learner, ProtoNet) and learner.n_way is None:
         raise ValueError("ProtoNet infers n_way from the labels' values on the host, which a CUDA graph "
                          "cannot capture: construct it with ProtoNet(..., n_way=N)")

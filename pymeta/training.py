@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from pymeta import _validate, checkpoint, distributed
 from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.core.batched import strategy_pickers
+from pymeta.cuda_graph import CUDAGraphStep
 from pymeta.data import Episode
 from pymeta.data._stream import batch_generator
 
@@ -106,6 +107,10 @@ class TrainConfig:
     # task_chunk tasks at a time; recompute second-order inner steps in backward.
     task_chunk: int | None = None
     checkpoint_steps: bool = False
+    # Capture each meta-step (loss and backward) as a CUDA graph on the first batch and
+    # replay it (pymeta.CUDAGraphStep); the learners' inner NaN/inf checks are then off
+    # (they need the host), the outer one stays.
+    cuda_graph: bool = False
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from the dataset's defaults."""
@@ -119,6 +124,8 @@ class TrainConfig:
             used = [name for name, on in memory_options.items() if on]
             raise ValueError(f"{' and '.join(used)} only apply to algo {', '.join(MEMORY_OPTION_ALGOS)}, "
                              f"got algo {self.algo!r}")
+        if self.cuda_graph:
+            self._check_cuda_graph()
         defaults = {**DATA_DEFAULTS[kind], **ALGO_DEFAULTS.get(self.algo, {}).get(kind, {})}
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, default in defaults.items():
@@ -129,6 +136,21 @@ class TrainConfig:
         if values["val_every"] is None:
             values["val_every"] = max(1, values["iterations"] // 10)
         return TrainConfig(**values)
+
+    def _check_cuda_graph(self) -> None:
+        if self.algo not in CUDA_GRAPH_ALGOS:
+            raise ValueError(f"cuda_graph applies to algo {', '.join(CUDA_GRAPH_ALGOS)} (a meta-step of "
+                             f"episodes), got algo {self.algo!r}")
+        if torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graph captures CUDA graphs and needs a CUDA device, got device {self.device!r}")
+        if self.checkpoint_steps:
+            raise ValueError("cuda_graph and checkpoint_steps exclude each other: recomputed steps replay the RNG "
+                             "state, which a CUDA graph capture cannot read")
+
+    @property
+    def inner_check_finite(self) -> bool:
+        """The learners' own NaN/inf checks: on with ``check_finite``, unless captured."""
+        return self.check_finite and not self.cuda_graph
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +168,7 @@ class TrainConfig:
 
 # Settings a resumed run may change: they do not alter the training trajectory.
 RUN_FIELDS = ("iterations", "val_every", "val_episodes", "eval_episodes", "eval_inner_steps", "device", "out",
-              "check_finite")
+              "check_finite", "cuda_graph")
 
 
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -172,6 +194,8 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 # Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
 # Algorithms that take TrainConfig.task_chunk / checkpoint_steps (pymeta.MAML's options).
 MEMORY_OPTION_ALGOS = ("maml", "fomaml", "metasgd")
+# Algorithms whose training step is episode_step, which TrainConfig.cuda_graph captures.
+CUDA_GRAPH_ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet")
 
 ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # Reptile: several first-order steps on all of a task's examples (Nichol et al. 2018).
@@ -220,6 +244,19 @@ def episode_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
     loss = episode_loss(learner, *episode, spec.loss_fn)
     loss.backward()
     return loss.item()
+
+
+class GraphedEpisodeStep:
+    """:func:`episode_step` captured as a CUDA graph on the first batch, then replayed
+    (:class:`pymeta.CUDAGraphStep`; every later batch must have the first one's shapes)."""
+
+    def __init__(self) -> None:
+        self.graphed: CUDAGraphStep | None = None
+
+    def __call__(self, learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
+        if self.graphed is None:
+            self.graphed = CUDAGraphStep(learner, episode, loss_fn=spec.loss_fn)
+        return self.graphed(*episode).item()
 
 
 def task_metric(pred: Tensor, target: Tensor, task: str) -> Tensor:
@@ -338,7 +375,7 @@ def train(
     distributed.broadcast_parameters(learner)
     main = distributed.rank() == 0
     higher_is_better = spec.task == "classification"
-    train_step = algorithm.train_step or episode_step
+    train_step = GraphedEpisodeStep() if config.cuda_graph else algorithm.train_step or episode_step
     batches = iter(source)
     losses: list[float] = []
     start = time.perf_counter()
@@ -558,8 +595,8 @@ def _maml(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     return MAML(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
-        checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
+        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
+        check_finite=config.inner_check_finite, checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
     )
 
 
@@ -572,8 +609,8 @@ def _metasgd(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     return MetaSGD(
         backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite,
-        checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
+        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
+        check_finite=config.inner_check_finite, checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
     )
 
 
@@ -583,14 +620,14 @@ def _anil(config: TrainConfig, spec: DataSpec) -> nn.Module:
     network = backbone(config, spec)
     features, head = network[:-1], network[-1]
     return ANIL(features, head, config.inner_lr, config.inner_steps, config.first_order,
-                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite)
+                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite)
 
 
 def _reptile(config: TrainConfig, spec: DataSpec) -> nn.Module:
     from pymeta.algorithms import Reptile
 
     return Reptile(backbone(config, spec), config.inner_lr, config.inner_steps,
-                   loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.check_finite)
+                   loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite)
 
 
 def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
@@ -602,7 +639,7 @@ def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
 def _protonet(config: TrainConfig, spec: DataSpec) -> nn.Module:
     from pymeta.algorithms import ProtoNet
 
-    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy)
+    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy, n_way=config.ways)
 
 
 def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:
@@ -610,7 +647,7 @@ def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:
 
     base = spec.make_train_dataset()
     return FineTune(backbone(config, spec, n_out=None), config.ways, config.inner_lr, config.inner_steps,
-                    base_classes=base.num_classes, strategy=config.strategy, check_finite=config.check_finite)
+                    base_classes=base.num_classes, strategy=config.strategy, check_finite=config.inner_check_finite)
 
 
 class Batch(NamedTuple):

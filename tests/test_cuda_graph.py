@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pymeta
-from pymeta import _validate
+from pymeta import _validate, training
 from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.cuda_graph import _checks_on_inputs
 
@@ -61,8 +61,7 @@ def _learners() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     return {
         "maml-lowered": (pymeta.MAML(conv_bn(), lr=0.1, steps=2, strategy="lowered"), cls),
         "maml-loop-chunked": (pymeta.MAML(conv_bn(), lr=0.1, strategy="loop", task_chunk=2), cls),
-        "maml-vmap-checkpointed": (pymeta.MAML(conv_bn(), lr=0.1, steps=2, strategy="vmap",
-                                               checkpoint_steps=True), cls),
+        "maml-vmap": (pymeta.MAML(conv_bn(), lr=0.1, steps=2, strategy="vmap"), cls),
         "fomaml-regression": (pymeta.MAML(mlp, lr=0.1, first_order=True, strategy="lowered"), reg),
         "metasgd": (pymeta.MetaSGD(conv_bn(), lr=0.1, strategy="loop"), cls),
         "anil": (pymeta.ANIL(features(), nn.Linear(16, 4), lr=0.1, strategy="loop"), cls),
@@ -72,8 +71,8 @@ def _learners() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     }
 
 
-LEARNERS = ("maml-lowered", "maml-loop-chunked", "maml-vmap-checkpointed", "fomaml-regression", "metasgd", "anil",
-            "protonet", "finetune")
+LEARNERS = ("maml-lowered", "maml-loop-chunked", "maml-vmap", "fomaml-regression", "metasgd", "anil", "protonet",
+            "finetune")
 
 
 def _meta_step(learner: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -169,12 +168,44 @@ def test_step_without_cuda_or_with_bad_arguments_raises_clearly() -> None:
         pymeta.CUDAGraphStep(learner, batch[:3])
     with pytest.raises(TypeError, match="learner must be a pymeta learner"):
         pymeta.CUDAGraphStep(nn.Linear(1, 1), batch)
+    for options, message in [
+        ({"check_finite": True}, "learner has check_finite=True, which reads values on the host"),
+        ({"checkpoint_steps": True}, "learner has checkpoint_steps=True, which saves and restores the RNG state"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pymeta.CUDAGraphStep(pymeta.MAML(conv_bn(), lr=0.1, **options), batch)
+    with pytest.raises(ValueError, match=r"head has check_finite=True"):
+        pymeta.CUDAGraphStep(pymeta.ANIL(nn.Flatten(), nn.Linear(64, 4), lr=0.1, check_finite=True), batch)
+    with pytest.raises(ValueError, match=r"ProtoNet\(..., n_way=N\)"):
+        pymeta.CUDAGraphStep(pymeta.ProtoNet(nn.Flatten()), batch)
+    with pytest.raises(ValueError, match="param group 0 has capturable=False"):
+        pymeta.CUDAGraphStep(learner, batch, optimizer=torch.optim.Adam(learner.parameters()))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device is visible to torch"):
             pymeta.CUDAGraphStep(learner, batch)
     else:
         with pytest.raises(ValueError, match="example must be on a CUDA device"):
             pymeta.CUDAGraphStep(learner, batch)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"algo": "maml"}, "cuda_graph captures CUDA graphs and needs a CUDA device, got device 'cpu'"),
+        ({"algo": "reptile", "device": "cuda"}, "cuda_graph applies to algo maml, fomaml, metasgd, anil, protonet"),
+        ({"algo": "maml", "device": "cuda", "checkpoint_steps": True}, "cuda_graph and checkpoint_steps exclude"),
+    ],
+)
+def test_train_config_checks_cuda_graph(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig(cuda_graph=True, **options).resolved()
+
+
+def test_captured_training_turns_only_the_inner_checks_off() -> None:
+    config = training.TrainConfig(algo="maml", data="sinusoid")
+    assert config.inner_check_finite
+    captured = training.TrainConfig(algo="maml", data="sinusoid", cuda_graph=True, device="cuda")
+    assert captured.check_finite and not captured.inner_check_finite
 
 
 # ------------------------------------------------------------------ real capture (GPU)
@@ -230,7 +261,7 @@ def test_whole_training_step_equals_eager_adam() -> None:
 
 
 @cuda
-def test_replay_checks_labels_shapes_and_options() -> None:
+def test_replay_checks_labels_and_shapes() -> None:
     learner, batches = _on_cuda("maml-lowered")
     step = pymeta.CUDAGraphStep(learner, batches[0])
     bad = list(batches[1])
@@ -240,10 +271,21 @@ def test_replay_checks_labels_shapes_and_options() -> None:
         step(*bad)
     with pytest.raises(ValueError, match=r"query_x must have the example's shape"):
         step(*batches[1][:2], batches[1][2][:, :3], batches[1][3])
-    with pytest.raises(ValueError, match="capturable=False"):
-        pymeta.CUDAGraphStep(learner, batches[0], optimizer=torch.optim.Adam(learner.parameters()))
-    with pytest.raises(ValueError, match="n_way=N"):
-        pymeta.CUDAGraphStep(pymeta.ProtoNet(conv_bn().cuda()), batches[0])
     auto = pymeta.MAML(conv_bn().cuda(), lr=0.1)  # warm-up runs until "auto" has chosen
     pymeta.CUDAGraphStep(auto, batches[0], max_warmup=100)
     assert auto.strategy is not None
+
+
+@cuda
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_captured_training_follows_the_eager_run(algo: str, tmp_path) -> None:
+    def run(cuda_graph: bool) -> list[float]:
+        config = training.TrainConfig(algo=algo, data="sinusoid" if algo == "maml" else "glyphs", iterations=6,
+                                      val_every=6, val_episodes=4, eval_episodes=4, device="cuda",
+                                      strategy="lowered" if algo == "maml" else "loop", cuda_graph=cuda_graph,
+                                      out=str(tmp_path / f"{cuda_graph}.pt"))
+        return training.train(config, progress=False, log=lambda _: None).losses
+
+    eager, captured = run(False), run(True)
+    print(f"{algo}: eager {eager}, captured {captured}")
+    assert captured == pytest.approx(eager, rel=1e-4, abs=1e-5)

@@ -525,15 +525,15 @@ def conv4_maml(
 
 
 def _protonet_model(
-    peer: str, encoder: nn.Module, n_way: int, strategy: str = "auto"
+    peer: str, encoder: nn.Module, n_way: int, strategy: str = "auto", task_chunk: int | None = None
 ) -> tuple[nn.Module, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """``(module, logits)`` of a ProtoNet peer: ``logits(sx, sy, qx)`` gives ``[T, Q, N]``
     negative plain Euclidean distances of each query to its task's class means.
 
     Both embed a task's support and query images in separate encoder calls, so BatchNorm
     normalises each with its own statistics (pymeta: ``batch_stats="separate"``).
-    ``strategy`` is pymeta's execution strategy (ignored by easyfsl); pymeta is told
-    ``n_way`` (easyfsl infers it from the labels)."""
+    ``strategy`` and ``task_chunk`` are pymeta's options (ignored by easyfsl); pymeta is
+    told ``n_way`` (easyfsl infers it from the labels)."""
     if peer == "easyfsl":
         methods = _import_peer("easyfsl", "easyfsl.methods")
         model = methods.PrototypicalNetworks(encoder)
@@ -548,7 +548,8 @@ def _protonet_model(
         return model, logits_easyfsl
     if peer == "pymeta":
         pymeta = _import_peer("pymeta", "pymeta")
-        proto = pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate", strategy=strategy, n_way=n_way)
+        proto = pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate", strategy=strategy, n_way=n_way,
+                                task_chunk=task_chunk)
         return proto, proto.episode
     raise _unknown("conv4_protonet", peer)
 
@@ -564,6 +565,7 @@ def conv4_protonet(
     dtype: torch.dtype = torch.float32,
     batch_norm: bool = True,
     strategy: str = "auto",
+    task_chunk: int | None = None,
     cuda_graph: bool = False,
     device: torch.device | str = "cpu",
 ) -> MetaStep:
@@ -576,7 +578,8 @@ def conv4_protonet(
 
     pymeta: ``ProtoNet(encoder, metric="euclidean", batch_stats="separate",
     strategy=strategy, n_way=n_way)``, one ``episode`` over all tasks, the mean
-    cross-entropy, one ``backward()`` (``cuda_graph``: captured as a CUDA graph and
+    cross-entropy, one ``backward()`` (``task_chunk``: ``meta_loss`` takes the gradient
+    chunk by chunk, easyfsl's memory at 1; ``cuda_graph``: captured as a CUDA graph and
     replayed, :class:`pymeta.CUDAGraphStep`). ``batch_stats="separate"`` embeds each task's support and query images
     in separate encoder batches, as easyfsl does, so the logits agree with easyfsl's to
     float32 rounding (pymeta's default, ``"joint"``, takes BatchNorm statistics over
@@ -588,7 +591,7 @@ def conv4_protonet(
     data = image_episodes(tasks, n_way, k_shot, queries_per_class, seed=seed, dtype=dtype)
     data = data.to(device)
     encoder = make_conv4(None, seed=seed, dtype=dtype, batch_norm=batch_norm).to(device)
-    model, _ = _protonet_model(peer, encoder, n_way, strategy)
+    model, _ = _protonet_model(peer, encoder, n_way, strategy, task_chunk)
     params = list(model.parameters())
     sx, sy, qx, qy = data.support_x, data.support_y, data.query_x, data.query_y
     num_tasks = data.num_tasks
@@ -768,7 +771,8 @@ WORKLOADS: dict[str, Workload] = {
                  "conv4 as above, 2nd-order MAML, 5 inner steps"),
         Workload("conv4-maml-10step", conv4_maml, {"steps": 10, "task_chunk": 1}, ("pymeta", "learn2learn"),
                  "conv4 as above, 2nd-order MAML, 10 inner steps"),
-        Workload("conv4-protonet", conv4_protonet, {}, ("pymeta", "easyfsl"),
+        # pymeta: meta_loss one task per chunk, easyfsl's per-task memory at the same speed.
+        Workload("conv4-protonet", conv4_protonet, {"task_chunk": 1}, ("pymeta", "easyfsl"),
                  "5-way 1-shot 28x28, 15 queries/class, conv4 encoder, 32 tasks, ProtoNet"),
         Workload("sinusoid-metasgd-1step", sinusoid_metasgd, {"steps": 1}, _MAML_PEERS,
                  "sinusoid MLP 1-40-40-1, 25 tasks, 10+10 shots, Meta-SGD, 1 step"),

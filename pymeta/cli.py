@@ -41,7 +41,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=defaults.strategy, choices=list(STRATEGIES),
                    help="batched execution strategy (default: %(default)s, measured on the first steps)")
     p.add_argument("--task-chunk", type=int, metavar="K",
-                   help="maml/fomaml/metasgd: meta-gradient K tasks at a time (memory of K tasks' graphs)")
+                   help="maml/fomaml/metasgd/anil/protonet: meta-gradient K tasks at a time (memory of K tasks' graphs)")
     p.add_argument("--checkpoint-steps", action="store_true",
                    help="maml/metasgd, second order: recompute inner steps in backward (memory for long loops)")
     p.add_argument("--cuda-graph", action="store_true",

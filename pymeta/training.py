@@ -119,11 +119,10 @@ class TrainConfig:
             raise ValueError(f"data must be one of {sorted(DATASETS)} or folder:PATH, got {self.data!r}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
-        memory_options = {"task_chunk": self.task_chunk is not None, "checkpoint_steps": self.checkpoint_steps}
-        if self.algo not in MEMORY_OPTION_ALGOS and any(memory_options.values()):
-            used = [name for name, on in memory_options.items() if on]
-            raise ValueError(f"{' and '.join(used)} only apply to algo {', '.join(MEMORY_OPTION_ALGOS)}, "
-                             f"got algo {self.algo!r}")
+        for option, on, algos in (("task_chunk", self.task_chunk is not None, TASK_CHUNK_ALGOS),
+                                  ("checkpoint_steps", self.checkpoint_steps, CHECKPOINT_STEPS_ALGOS)):
+            if on and self.algo not in algos:
+                raise ValueError(f"{option} only applies to algo {', '.join(algos)}, got algo {self.algo!r}")
         if self.cuda_graph:
             self._check_cuda_graph()
         defaults = {**DATA_DEFAULTS[kind], **ALGO_DEFAULTS.get(self.algo, {}).get(kind, {})}
@@ -192,10 +191,11 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 # Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
-# Algorithms that take TrainConfig.task_chunk / checkpoint_steps (pymeta.MAML's options).
-MEMORY_OPTION_ALGOS = ("maml", "fomaml", "metasgd")
-# Algorithms whose training step is episode_step, which TrainConfig.cuda_graph captures.
-CUDA_GRAPH_ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet")
+# Algorithms whose training step is episode_step: TrainConfig.cuda_graph captures it, and
+# TrainConfig.task_chunk runs it through the learner's chunked meta_loss.
+CUDA_GRAPH_ALGOS = TASK_CHUNK_ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet")
+# Algorithms that take TrainConfig.checkpoint_steps (recomputed second-order inner steps).
+CHECKPOINT_STEPS_ALGOS = ("maml", "fomaml", "metasgd")
 
 ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # Reptile: several first-order steps on all of a task's examples (Nichol et al. 2018).
@@ -620,7 +620,8 @@ def _anil(config: TrainConfig, spec: DataSpec) -> nn.Module:
     network = backbone(config, spec)
     features, head = network[:-1], network[-1]
     return ANIL(features, head, config.inner_lr, config.inner_steps, config.first_order,
-                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite)
+                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite,
+                task_chunk=config.task_chunk)
 
 
 def _reptile(config: TrainConfig, spec: DataSpec) -> nn.Module:
@@ -639,7 +640,8 @@ def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
 def _protonet(config: TrainConfig, spec: DataSpec) -> nn.Module:
     from pymeta.algorithms import ProtoNet
 
-    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy, n_way=config.ways)
+    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy, n_way=config.ways,
+                    task_chunk=config.task_chunk)
 
 
 def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:

@@ -111,3 +111,43 @@ def test_meta_loss_bad_arguments():
         maml.meta_loss(sx, sy, qx, qy[:2])
     with pytest.raises(ValueError, match=r"query_y must hold class labels in \[0, 4\)"):
         maml.meta_loss(sx, sy, qx, qy + 4)
+
+
+def _features() -> torch.nn.Module:
+    return torch.nn.Sequential(*list(conv_bn().children())[:-1]).double()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pymeta.ProtoNet(_features(), strategy="loop"),
+        lambda: pymeta.ANIL(_features(), torch.nn.Linear(16, 4).double(), lr=0.3, steps=2, strategy="loop"),
+    ],
+    ids=["protonet", "anil"],
+)
+def test_chunked_meta_loss_of_protonet_and_anil_is_exact_and_bounds_memory(make):
+    torch.manual_seed(0)
+    learner = make()
+    sx, sy, qx, qy = classification_episode(tasks=6)
+    params = list(learner.parameters())
+    whole, pred = saved_bytes(lambda: learner.episode(sx, sy, qx))
+    expected_loss = F.cross_entropy(pred.flatten(0, 1), qy.flatten())
+    expected = torch.autograd.grad(expected_loss, params)
+    for task_chunk in (1, 4):
+        chunked, loss = saved_bytes(lambda c=task_chunk: learner.meta_loss(sx, sy, qx, qy, task_chunk=c))
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-14, atol=0)
+        error = relative_error(torch.autograd.grad(loss, params), expected)
+        print(f"task_chunk={task_chunk}: saved {chunked} of {whole} bytes, gradient error {error:.2e}")
+        assert error < 1e-12
+    assert chunked < 0.8 * whole and saved_bytes(lambda: learner.meta_loss(sx, sy, qx, qy, task_chunk=1))[0] < 0.3 * whole
+    with pytest.raises(ValueError, match=r"query_y must hold class labels in \[0, 4\)"):
+        learner.meta_loss(sx, sy, qx, qy + 4)
+
+
+def test_task_chunk_of_protonet_makes_episode_loss_chunked():
+    learner = pymeta.ProtoNet(_features(), strategy="loop", task_chunk=2)
+    sx, sy, qx, qy = classification_episode(tasks=4)
+    loss = pymeta.algorithms.episode_loss(learner, sx, sy, qx, qy, F.cross_entropy)
+    assert loss.grad_fn.name().endswith("_ChunkedMeanLossBackward")
+    with pytest.raises(ValueError, match="task_chunk must be >= 1, got 0"):
+        pymeta.ProtoNet(_features(), task_chunk=0)

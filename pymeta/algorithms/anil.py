@@ -7,10 +7,11 @@ from torch import Tensor, nn
 from pymeta import _validate
 from pymeta.algorithms._embed import embed_episode, embedding_picker
 from pymeta.algorithms.maml import MAML, default_loss
+from pymeta.algorithms.outer_loss import ChunkedMetaLoss
 from pymeta.core.batched import LossFn, TaskBatched
 
 
-class ANIL(nn.Module):
+class ANIL(ChunkedMetaLoss, nn.Module):
     """Almost No Inner Loop: the feature extractor is shared, only ``head`` adapts per task.
 
     ``episode`` runs ``features`` once per episode on the support and query examples of
@@ -34,6 +35,8 @@ class ANIL(nn.Module):
             when ``features`` has BatchNorm, of the feature embedding (``"auto"`` picks
             for each separately).
         check_finite: raise on a NaN/inf inner loss or gradient (see :class:`MAML`).
+        task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks):
+            train with ``meta_loss(...).backward()`` to hold one chunk's graph at a time.
 
     BatchNorm in ``features`` normalises each task with the statistics of its support
     and query examples together, running statistics untouched
@@ -51,6 +54,7 @@ class ANIL(nn.Module):
         loss_fn: LossFn | None = None,
         strategy: str = "auto",
         check_finite: bool = False,
+        task_chunk: int | None = None,
     ) -> None:
         super().__init__()
         for name, module in (("features", features), ("head", head)):
@@ -60,6 +64,7 @@ class ANIL(nn.Module):
         self.head = MAML(
             head, lr, first_order, steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite
         )
+        self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
         self._embedder = TaskBatched(features)
         # None without BatchNorm in features (nothing to choose); checkpointed otherwise.
         self._embed_picker = embedding_picker(self._embedder, strategy)
@@ -77,6 +82,10 @@ class ANIL(nn.Module):
         """The unadapted network on one batch: ``[B, ...] -> [B, ...]``."""
         return self.head(self.features(x))
 
+    def _query_loss(self, support_y: Tensor) -> LossFn:
+        """The head's loss: its ``loss_fn``, else cross-entropy / MSE by the labels' dtype."""
+        return self.head.loss_fn or default_loss(support_y)
+
     def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Adapt the head to every task's support set, predict its queries.
 
@@ -88,7 +97,7 @@ class ANIL(nn.Module):
         Returns:
             ``[T, Q, ...]`` predictions of the adapted heads.
         """
-        loss_fn = self.head.loss_fn or default_loss(support_y)
+        loss_fn = self._query_loss(support_y)
         _validate.episode(
             support_x, support_y, query_x,
             classification=_validate.is_classification_loss(loss_fn), model=self.features,

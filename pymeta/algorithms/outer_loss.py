@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
+
+from pymeta import _validate
+from pymeta.core.batched import LossFn, TaskBatched
+from pymeta.core.chunked import chunked_mean_loss
 
 
 def episode_loss(
@@ -13,15 +15,65 @@ def episode_loss(
     support_y: Tensor,
     query_x: Tensor,
     query_y: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: LossFn,
 ) -> Tensor:
     """Mean query loss over all tasks and queries: ``loss_fn(pred [T*Q, ...], query_y [T*Q, ...])``.
 
     ``pred`` is ``learner.episode(support_x, support_y, query_x)``, flattened over tasks
-    and queries. A learner with a ``task_chunk`` (the MAML family) computes the same
-    mean chunk by chunk with its ``meta_loss`` instead, to bound memory.
+    and queries. A learner with a ``task_chunk`` (MAML, Meta-SGD, ANIL, ProtoNet)
+    computes the same mean chunk by chunk with its ``meta_loss`` instead, to bound memory.
     """
     if getattr(learner, "task_chunk", None) is not None:
         return learner.meta_loss(support_x, support_y, query_x, query_y, loss_fn=loss_fn)
     pred = learner.episode(support_x, support_y, query_x)
     return loss_fn(pred.flatten(0, 1), query_y.flatten(0, 1))
+
+
+class ChunkedMetaLoss:
+    """``meta_loss`` for a learner whose ``episode`` is the whole step (ANIL, ProtoNet).
+
+    The class using it sets ``task_chunk`` (the default chunk size, None: all tasks) and
+    defines ``_query_loss(support_y)``, the loss ``meta_loss`` uses by default.
+    """
+
+    task_chunk: int | None
+
+    def _query_loss(self, support_y: Tensor) -> LossFn:
+        raise NotImplementedError
+
+    def meta_loss(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        task_chunk: int | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The mean over tasks of each task's query loss, for memory-bound meta-batches.
+
+        Equal to ``mean_t loss_fn(episode(...)[t], query_y[t])``, but the tasks run in
+        chunks of ``task_chunk`` (default: the constructor's) and each chunk's gradient
+        is taken and its graph freed before the next chunk runs: peak memory is one
+        chunk's activations, not all T tasks' (``task_chunk=1``: easyfsl's per-task
+        ``backward()`` footprint). Call ``.backward()`` once on the result; it cannot be
+        differentiated twice (:func:`pymeta.core.chunked.chunked_mean_loss`).
+
+        Args:
+            support_x, support_y, query_x: as for ``episode``.
+            query_y: ``[T, Q]`` labels or ``[T, Q, ...]`` targets.
+            loss_fn: the query loss (default: the learner's, e.g. cross-entropy).
+        """
+        _validate.tensor("query_y", query_y)
+        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
+        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
+        loss_fn = loss_fn or self._query_loss(support_y)
+
+        def task_loss_sum(tasks: slice) -> Tensor:
+            pred = self.episode(support_x[tasks], support_y[tasks], query_x[tasks])
+            _validate.targets("query_y", pred, query_y[tasks], loss_fn)
+            return TaskBatched.losses(loss_fn, pred, query_y[tasks], "vmap").sum()
+
+        chunk = self.task_chunk if task_chunk is None else task_chunk
+        return chunked_mean_loss(task_loss_sum, support_x.shape[0], chunk, list(self.parameters()))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate, ops
 from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
-from pymeta.core.batched import TaskBatched
+from pymeta.algorithms.outer_loss import ChunkedMetaLoss
+from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.ops._backends import capturing
 from pymeta.ops.proto_logits import METRICS
 
 
-class ProtoNet(nn.Module):
+class ProtoNet(ChunkedMetaLoss, nn.Module):
     """Classify each query by its distance to the mean support embedding of each class.
 
     Args:
@@ -37,6 +39,9 @@ class ProtoNet(nn.Module):
         n_way: the number of classes N of every episode; default: inferred per episode
             from the labels (see below). Fix it to skip that read of the labels, which
             a CUDA graph cannot capture (:class:`pymeta.CUDAGraphStep`).
+        task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks):
+            train with ``meta_loss(...).backward()`` to hold one chunk's encoder
+            activations at a time instead of all T tasks'.
 
     ``episode`` embeds the support and query examples of all tasks, takes the prototypes
     with :func:`pymeta.ops.prototypes` and the logits with :func:`pymeta.ops.proto_logits`;
@@ -57,6 +62,7 @@ class ProtoNet(nn.Module):
         batch_stats: str = "joint",
         strategy: str = "auto",
         n_way: int | None = None,
+        task_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(encoder, nn.Module):
@@ -67,6 +73,7 @@ class ProtoNet(nn.Module):
         if n_way is not None and _validate.positive_int("n_way", n_way) < 2:
             raise ValueError(f"n_way must be >= 2 (a ProtoNet classifies among N classes), got {n_way}")
         self.n_way = n_way
+        self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
         self._embedder = TaskBatched(encoder)
         # None without BatchNorm (nothing to choose); a checkpointed attribute otherwise.
         self._picker = embedding_picker(self._embedder, strategy)
@@ -98,6 +105,9 @@ class ProtoNet(nn.Module):
         support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
         protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
         return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]
+
+    def _query_loss(self, support_y: Tensor) -> LossFn:
+        return F.cross_entropy
 
     @staticmethod
     def _inferred_n_way(support_y: Tensor) -> int:

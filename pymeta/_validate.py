@@ -215,7 +215,8 @@ def targets(name: str, pred: Tensor, target: Tensor, loss_fn: object) -> None:
         raise ValueError(
             f"{name} holds class labels [T, S], so the model must output logits [T, S, C], got {tuple(pred.shape)}"
         )
-    value_check(lambda: _labels_in_range(name, target, pred.shape[-1]), target)
+    classes = pred.shape[-1]  # not pred itself: a recorded check must not keep it alive
+    value_check(lambda: _labels_in_range(name, target, classes), target)
 
 
 def _labels_in_range(name: str, target: Tensor, classes: int) -> None:

@@ -55,13 +55,15 @@ class CUDAGraphStep:
             The warm-up trains on it (below), so pass the first real batch.
         optimizer: if given, its ``step()`` is captured too, so a call is a whole
             training step. It must step on the device: Adam/AdamW/... created with
-            ``capturable=True``; SGD as is. If None, a call only computes gradients
-            and ``optimizer.step()`` stays with the caller.
+            ``capturable=True``, or SGD with a float ``lr``. Its settings are frozen into
+            the graph: a call raises if one changed (a scheduler needs a tensor ``lr``,
+            updated in place). If None, a call only computes gradients and
+            ``optimizer.step()`` stays with the caller, free to change.
         loss_fn: the query loss of the flattened predictions ``[T*Q, ...]`` against the
             targets; default: cross-entropy for integer labels, MSE for float targets.
-        warmup: eager steps on ``example`` before the capture (at least 3, and more
-            until every ``strategy="auto"`` picker in ``learner`` has chosen, at most
-            ``max_warmup``). As in PyTorch's recipe they are real training steps: with
+        warmup: eager steps on ``example`` before the capture (3, as in PyTorch's
+            recipe, and more until every ``strategy="auto"`` picker in ``learner`` has
+            chosen, at most ``max_warmup``). As in PyTorch's recipe they are real training steps: with
             an ``optimizer`` they update the parameters.
         validate: before each replay, check the new batch's label values (one device
             sync). ``False`` skips the check: bad labels then reach the kernels, where
@@ -88,6 +90,8 @@ class CUDAGraphStep:
         if not isinstance(learner, nn.Module) or not hasattr(learner, "episode"):
             raise TypeError(f"learner must be a pymeta learner (an nn.Module with episode), got {type(learner).__name__}")
         _check_host_free(learner)
+        if _validate.positive_int("warmup", warmup) > _validate.positive_int("max_warmup", max_warmup):
+            raise ValueError(f"warmup must be <= max_warmup = {max_warmup}, got {warmup}")
         if optimizer is not None:
             _check_capturable(optimizer)
         self.static = _checked_example(example)
@@ -98,8 +102,13 @@ class CUDAGraphStep:
         self.optimizer = optimizer
         self.loss_fn = loss_fn or (F.mse_loss if self.static[1].is_floating_point() else F.cross_entropy)
         self.validate = validate
-        self._warm_up(_validate.positive_int("warmup", warmup), _validate.positive_int("max_warmup", max_warmup))
-        self._capture()
+        self.device = device
+        self._params = list(learner.parameters())
+        # Streams and graphs belong to the current device: make it the example's.
+        with torch.cuda.device(device):
+            self._warm_up(warmup, max_warmup)
+            self._capture()
+        self._optimizer_at_capture = None if optimizer is None else _OptimizerSnapshot(optimizer)
 
     def _step(self) -> Tensor:
         """The captured work: meta-loss on the static inputs, backward, optimizer step."""
@@ -111,17 +120,17 @@ class CUDAGraphStep:
 
     def _zero_grad(self) -> None:
         # None, not zeros: a captured backward must write fresh gradients, not add to them.
-        for p in self.learner.parameters():
+        for p in self._params:
             p.grad = None
 
     def _warm_up(self, warmup: int, max_warmup: int) -> None:
         """Eager steps on a side stream (PyTorch's recipe: lazy initialisation, the
         optimizer's state and the strategy pickers' timing all happen before capture)."""
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             done = 0
-            while done < max(warmup, 3) or any(p.chosen is None for p in strategy_pickers(self.learner).values()):
+            while done < warmup or any(p.chosen is None for p in strategy_pickers(self.learner).values()):
                 if done == max_warmup:
                     unsettled = [n for n, p in strategy_pickers(self.learner).items() if p.chosen is None]
                     raise RuntimeError(f"strategy pickers {unsettled} have not chosen after {max_warmup} warm-up "
@@ -134,11 +143,15 @@ class CUDAGraphStep:
     def _capture(self) -> None:
         self._zero_grad()
         self.graph = torch.cuda.CUDAGraph()
-        with _validate.deferred_value_checks() as checks, torch.cuda.graph(self.graph):
+        # An explicit stream: torch.cuda.graph's default one lives on the first device used.
+        capture_stream = torch.cuda.Stream(self.device)
+        with _validate.deferred_value_checks() as checks, torch.cuda.graph(self.graph, stream=capture_stream):
             self._loss = self._step()
         self._checks = _checks_on_inputs(checks, self.static) if self.validate else []
         # The graph's own gradient tensors: replays write them whatever .grad holds then.
-        self._grads = {p: p.grad for p in self.learner.parameters() if p.grad is not None}
+        # Until the first replay they hold nothing, so .grad shows None meanwhile.
+        self._grads = {p: p.grad for p in self._params if p.grad is not None}
+        self._zero_grad()
 
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """Run the step on one batch (shapes and dtypes of ``example``); returns the meta-loss."""
@@ -148,13 +161,17 @@ class CUDAGraphStep:
                 raise ValueError(f"{name} must have the example's shape {tuple(static.shape)} and dtype "
                                  f"{static.dtype} (the graph was captured for them), got "
                                  f"{tuple(new.shape)} {new.dtype}")
-            static.copy_(new, non_blocking=True)
-        if self.validate:
-            for check in self._checks:
-                check.run()
-        self.graph.replay()
-        for p, grad in self._grads.items():
-            p.grad = grad
+        if self._optimizer_at_capture is not None:
+            self._optimizer_at_capture.check()
+        with torch.cuda.device(self.device):
+            for static, new in zip(self.static, (support_x, support_y, query_x, query_y), strict=True):
+                static.copy_(new, non_blocking=True)
+            if self.validate:
+                for check in self._checks:
+                    check.run()
+            self.graph.replay()
+        for p in self._params:  # parameters the step leaves without gradient get None
+            p.grad = self._grads.get(p)
         return self._loss.clone()
 
 
@@ -196,13 +213,58 @@ def _check_host_free(learner: nn.Module) -> None:
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Only optimizers whose whole step runs on the device can be captured: those created
+    with ``capturable=True`` and SGD with a float ``lr`` (its momentum buffers are device
+    tensors). Others keep a step count on the host (Adam without it, Adagrad), which the
+    graph would freeze at its capture-time value, or read a tensor ``lr`` there."""
     for index, group in enumerate(optimizer.param_groups):
-        if group.get("capturable") is False:
-            raise ValueError(
-                f"optimizer param group {index} has capturable=False, so its step reads the step count on "
-                f"the host and cannot be captured: create it with capturable=True, e.g. "
-                f"torch.optim.{type(optimizer).__name__}(params, lr, capturable=True)"
-            )
+        if group.get("capturable") or (type(optimizer) is torch.optim.SGD and not isinstance(group["lr"], Tensor)):
+            continue
+        name = type(optimizer).__name__
+        why = ("has capturable=False, so its step reads the step count on the host" if "capturable" in group
+               else "steps with host-side state or a host-read lr")
+        raise ValueError(
+            f"optimizer param group {index} of {name} {why} and cannot be captured: create it with "
+            f"capturable=True (e.g. torch.optim.{name}(params, lr, capturable=True)), use SGD with a float lr, "
+            f"or leave optimizer=None and step it after each call"
+        )
+
+
+class _OptimizerSnapshot:
+    """What a captured optimizer step froze into the graph: each param group's settings
+    (floats by value, tensors by identity: a tensor ``lr`` may change in place) and the
+    state tensors it updates. :meth:`check` raises if they changed since (a scheduler
+    assigning a float ``lr``, ``load_state_dict``), which replays would silently ignore."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.groups = self._groups()
+        self.state = self._state()
+
+    def _groups(self) -> list[dict[str, object]]:
+        return [{k: id(v) if isinstance(v, Tensor) else v for k, v in group.items() if k != "params"}
+                for group in self.optimizer.param_groups]
+
+    def _state(self) -> dict[int, dict[str, int]]:
+        return {id(p): {k: id(v) for k, v in state.items() if isinstance(v, Tensor)}
+                for p, state in self.optimizer.state.items()}
+
+    def check(self) -> None:
+        groups = self._groups()
+        if len(groups) != len(self.groups):
+            raise RuntimeError(f"the optimizer has {len(groups)} param groups, {len(self.groups)} when its step "
+                               "was captured: build a new CUDAGraphStep")
+        for index, (now, then) in enumerate(zip(groups, self.groups, strict=True)):
+            changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+            if changed:
+                raise RuntimeError(
+                    f"optimizer param group {index} changed {changed} since its step was captured, and the "
+                    f"graph replays the captured values: give the optimizer tensor hyperparameters changed in "
+                    f"place (e.g. lr=torch.tensor(1e-3, device='cuda')), or build a new CUDAGraphStep"
+                )
+        if self._state() != self.state:
+            raise RuntimeError("the optimizer's state tensors were replaced since its step was captured (e.g. by "
+                               "load_state_dict), and the graph updates the old ones: build a new CUDAGraphStep")
 
 
 def _checks_on_inputs(checks: list[_validate.ValueCheck], inputs: Sequence[Tensor]) -> list[_validate.ValueCheck]:

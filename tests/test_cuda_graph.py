@@ -10,6 +10,8 @@ replay for real, against the eager step, wherever a GPU is present.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pymeta
 from pymeta import _validate, training
 from pymeta.algorithms.outer_loss import episode_loss
-from pymeta.cuda_graph import _checks_on_inputs
+from pymeta.cuda_graph import _check_capturable, _checks_on_inputs, _OptimizerSnapshot
 
 aten = torch.ops.aten
 # Ops whose CUDA kernels copy a value to the host (item/bool/int, data-dependent shapes).
@@ -178,14 +180,51 @@ def test_step_without_cuda_or_with_bad_arguments_raises_clearly() -> None:
         pymeta.CUDAGraphStep(pymeta.ANIL(nn.Flatten(), nn.Linear(64, 4), lr=0.1, check_finite=True), batch)
     with pytest.raises(ValueError, match=r"ProtoNet\(..., n_way=N\)"):
         pymeta.CUDAGraphStep(pymeta.ProtoNet(nn.Flatten()), batch)
-    with pytest.raises(ValueError, match="param group 0 has capturable=False"):
-        pymeta.CUDAGraphStep(learner, batch, optimizer=torch.optim.Adam(learner.parameters()))
+    with pytest.raises(ValueError, match="warmup must be <= max_warmup = 2, got 3"):
+        pymeta.CUDAGraphStep(learner, batch, max_warmup=2)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device is visible to torch"):
             pymeta.CUDAGraphStep(learner, batch)
     else:
         with pytest.raises(ValueError, match="example must be on a CUDA device"):
             pymeta.CUDAGraphStep(learner, batch)
+
+
+def test_only_optimizers_that_step_on_the_device_are_captured() -> None:
+    params = list(nn.Linear(2, 2).parameters())
+    for ok in (torch.optim.SGD(params, lr=0.1, momentum=0.9), torch.optim.Adam(params, capturable=True),
+               torch.optim.AdamW(params, capturable=True)):
+        _check_capturable(ok)
+    for refused, message in [
+        (torch.optim.Adam(params), "param group 0 of Adam has capturable=False"),
+        (torch.optim.Adagrad(params), "param group 0 of Adagrad steps with host-side state"),
+        (torch.optim.SGD(params, lr=torch.tensor(0.1)), "param group 0 of SGD steps with host-side state"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _check_capturable(refused)
+
+
+def test_a_captured_optimizer_that_changes_is_a_clear_error() -> None:
+    params = list(nn.Linear(2, 2).parameters())
+    lr = torch.tensor(0.1)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # momentum buffers exist, as after CUDAGraphStep's warm-up
+    snapshot = _OptimizerSnapshot(opt)
+    lr.fill_(0.01)  # in place: what the graph reads, so allowed
+    snapshot.check()
+    opt.param_groups[0]["momentum"] = 0.5  # a float baked into the graph
+    with pytest.raises(RuntimeError, match=r"param group 0 changed \['momentum'\]"):
+        snapshot.check()
+    opt.param_groups[0]["momentum"] = 0.9
+    snapshot.check()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a checkpoint: new lr and state tensors
+    with pytest.raises(RuntimeError, match=r"param group 0 changed \['lr'\]"):
+        snapshot.check()
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(RuntimeError, match="state tensors were replaced"):
+        snapshot.check()
 
 
 @pytest.mark.parametrize(
@@ -229,14 +268,17 @@ def test_replayed_gradients_equal_eager(name: str) -> None:
     loss_fn = F.mse_loss if batches[0][1].is_floating_point() else F.cross_entropy
     for batch in batches[1:]:
         loss = step(*batch)
-        replayed = [p.grad.clone() for p in learner.parameters()]
+        # FineTune's base-class head takes no part in episodes: None in both.
+        replayed = [None if p.grad is None else p.grad.clone() for p in learner.parameters()]
         learner.zero_grad(set_to_none=True)
         eager = episode_loss(learner, *batch, loss_fn)
         eager.backward()
         print(f"{name}: loss {loss.item():.6f} vs eager {eager.item():.6f}")
         torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=1e-6)
         for r, p in zip(replayed, learner.parameters(), strict=True):
-            torch.testing.assert_close(r, p.grad, rtol=1e-4, atol=1e-5)
+            assert (r is None) == (p.grad is None)
+            if r is not None:
+                torch.testing.assert_close(r, p.grad, rtol=1e-4, atol=1e-5)
 
 
 @cuda

@@ -200,13 +200,15 @@ def prepare(
     entry: Entry,
     warmup: int,
     self_check: bool = False,
-    max_calls: int = 30,
+    max_calls: int = 64,
     device: torch.device | str = "cpu",
 ) -> None:
     """Warm up, measure and snapshot the gradient of ``entry`` before it is timed.
 
     1. ``warmup`` plain meta-steps; pymeta ``"auto"`` takes as many as it needs to settle
-       on a strategy (it times its candidates on these calls).
+       on a strategy (it times its candidates on these calls; at worst a warm-up call, 15
+       trials per candidate and the call that decides: 32 for two candidates, well
+       within ``max_calls``).
     2. One call counting ATen ops and peak memory, one counting FLOPs
        (:func:`measure.measure_all`): these also warm up, and the faster of the two is an
        upper bound of the step time, which picks how rounds are timed (:func:`time_round`).

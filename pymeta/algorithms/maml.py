@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pymeta import _validate
+from pymeta.algorithms.outer_loss import ChunkedMetaLoss
 from pymeta.core.batched import LossFn, TaskBatched
-from pymeta.core.chunked import chunked_mean_loss
 from pymeta.core.inner_loop import InnerLR, inner_loop
 from pymeta.ops import inner_sgd
 
@@ -39,7 +39,7 @@ def check_lr(lr: object) -> float:
     return _validate.positive_float("lr", lr, allow_zero=True)
 
 
-class MAML(nn.Module):
+class MAML(ChunkedMetaLoss, nn.Module):
     """Model-Agnostic Meta-Learning with a batched inner loop.
 
     Args:
@@ -141,50 +141,14 @@ class MAML(nn.Module):
             )
             return self._batched.forward(weights, query_x, strategy)
 
-    def meta_loss(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        query_y: Tensor,
-        *,
-        task_chunk: int | None = None,
-        loss_fn: LossFn | None = None,
-    ) -> Tensor:
-        """The mean query loss over tasks after adaptation, for memory-bound meta-batches.
-
-        Equal to ``mean_t loss_fn(episode(...)[t], query_y[t])``, but the tasks run in
-        chunks of ``task_chunk`` and each chunk's meta-gradient is taken (and its graph
-        freed) before the next chunk runs, so peak memory is one chunk's graph instead
-        of all T tasks' (``task_chunk=1``: learn2learn's per-task ``backward()``
-        footprint). Call ``.backward()`` on the result once, as usual; it cannot be
-        differentiated twice (:func:`pymeta.core.chunked.chunked_mean_loss`).
-
-        Args:
-            support_x, support_y, query_x: as for :meth:`episode`.
-            query_y: ``[T, Q]`` labels or ``[T, Q, ...]`` targets.
-            task_chunk: tasks per chunk; default: the constructor's ``task_chunk``
-                (``None``: all T at once).
-            loss_fn: the query loss (default: the inner-loop loss).
-
-        Returns:
-            A scalar: the mean over tasks of each task's query loss.
-        """
+    def _chunk_predictor(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor
+    ) -> tuple[LossFn, Callable[[slice], Tensor]]:
+        """For :meth:`meta_loss`: the episode is checked once here; chunks only adapt and predict."""
         inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
-        loss_fn = loss_fn or inner_loss
-        num_tasks = support_x.shape[0]
-        _validate.tensor("query_y", query_y)
-        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
-        _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
-
-        def task_loss_sum(tasks: slice) -> Tensor:
-            # Checked above for all tasks: each chunk only adapts and predicts.
-            pred = self._adapt_and_predict(support_x[tasks], support_y[tasks], query_x[tasks], inner_loss)
-            _validate.targets("query_y", pred, query_y[tasks], loss_fn)
-            return self._batched.losses(loss_fn, pred, query_y[tasks], self._picker.chosen or "loop").sum()
-
-        chunk = self.task_chunk if task_chunk is None else task_chunk
-        return chunked_mean_loss(task_loss_sum, num_tasks, chunk, list(self.parameters()))
+        return inner_loss, lambda tasks: self._adapt_and_predict(
+            support_x[tasks], support_y[tasks], query_x[tasks], inner_loss
+        )
 
     @property
     def strategy(self) -> str | None:

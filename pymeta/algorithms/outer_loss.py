@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from pymeta import _validate
@@ -30,16 +32,25 @@ def episode_loss(
 
 
 class ChunkedMetaLoss:
-    """``meta_loss`` for a learner whose ``episode`` is the whole step (ANIL, ProtoNet).
+    """``meta_loss``, the chunked outer loss, for a learner with ``episode`` (MAML,
+    Meta-SGD, ANIL, ProtoNet).
 
     The class using it sets ``task_chunk`` (the default chunk size, None: all tasks) and
-    defines ``_query_loss(support_y)``, the loss ``meta_loss`` uses by default.
+    defines ``_query_loss(support_y)``, the loss ``meta_loss`` uses by default, or
+    overrides :meth:`_chunk_predictor` (MAML checks the whole episode once).
     """
 
     task_chunk: int | None
 
     def _query_loss(self, support_y: Tensor) -> LossFn:
         raise NotImplementedError
+
+    def _chunk_predictor(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor
+    ) -> tuple[LossFn, Callable[[slice], Tensor]]:
+        """``(default query loss, predict)``: ``predict(tasks)`` gives those tasks' query
+        predictions ``[t, Q, ...]``; here ``episode`` on the chunk, which checks it."""
+        return self._query_loss(support_y), lambda tasks: self.episode(support_x[tasks], support_y[tasks], query_x[tasks])
 
     def meta_loss(
         self,
@@ -51,29 +62,37 @@ class ChunkedMetaLoss:
         task_chunk: int | None = None,
         loss_fn: LossFn | None = None,
     ) -> Tensor:
-        """The mean over tasks of each task's query loss, for memory-bound meta-batches.
+        """The mean query loss over tasks of ``episode``, for memory-bound meta-batches.
 
         Equal to ``mean_t loss_fn(episode(...)[t], query_y[t])``, but the tasks run in
-        chunks of ``task_chunk`` (default: the constructor's) and each chunk's gradient
-        is taken and its graph freed before the next chunk runs: peak memory is one
-        chunk's activations, not all T tasks' (``task_chunk=1``: easyfsl's per-task
-        ``backward()`` footprint). Call ``.backward()`` once on the result; it cannot be
+        chunks of ``task_chunk`` and each chunk's gradient is taken (and its graph freed)
+        before the next chunk runs, so peak memory is one chunk's graph instead of all T
+        tasks' (``task_chunk=1``: the per-task ``backward()`` footprint of learn2learn
+        and easyfsl). Call ``.backward()`` on the result once, as usual; it cannot be
         differentiated twice (:func:`pymeta.core.chunked.chunked_mean_loss`).
 
         Args:
             support_x, support_y, query_x: as for ``episode``.
             query_y: ``[T, Q]`` labels or ``[T, Q, ...]`` targets.
-            loss_fn: the query loss (default: the learner's, e.g. cross-entropy).
+            task_chunk: tasks per chunk; default: the constructor's ``task_chunk``
+                (``None``: all T at once).
+            loss_fn: the query loss (default: the learner's, e.g. MAML's inner loss).
+
+        Returns:
+            A scalar: the mean over tasks of each task's query loss.
         """
+        default_loss, predict = self._chunk_predictor(support_x, support_y, query_x)
+        loss_fn = loss_fn or default_loss
         _validate.tensor("query_y", query_y)
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
-        loss_fn = loss_fn or self._query_loss(support_y)
+        # Per-task losses as the learner's strategy computes them ("loop": one call per task).
+        strategy = getattr(self, "strategy", None) or "loop"
 
         def task_loss_sum(tasks: slice) -> Tensor:
-            pred = self.episode(support_x[tasks], support_y[tasks], query_x[tasks])
+            pred = predict(tasks)
             _validate.targets("query_y", pred, query_y[tasks], loss_fn)
-            return TaskBatched.losses(loss_fn, pred, query_y[tasks], "vmap").sum()
+            return TaskBatched.losses(loss_fn, pred, query_y[tasks], strategy).sum()
 
         chunk = self.task_chunk if task_chunk is None else task_chunk
         return chunked_mean_loss(task_loss_sum, support_x.shape[0], chunk, list(self.parameters()))

@@ -10,7 +10,7 @@ recipe (``torch.cuda.graph``)::
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3, capturable=True)
     step = pymeta.CUDAGraphStep(maml, first_batch, optimizer=opt)
     for batch in batches:              # Episode(support_x, support_y, query_x, query_y)
-        loss = step(*batch)            # a device scalar: no host sync
+        loss = step(*batch)            # a device scalar; no sync but the label check
 
 What a captured step cannot do, and what takes its place:
 
@@ -63,8 +63,8 @@ class CUDAGraphStep:
             targets; default: cross-entropy for integer labels, MSE for float targets.
         warmup: eager steps on ``example`` before the capture (3, as in PyTorch's
             recipe, and more until every ``strategy="auto"`` picker in ``learner`` has
-            chosen, at most ``max_warmup``). As in PyTorch's recipe they are real training steps: with
-            an ``optimizer`` they update the parameters.
+            chosen, at most ``max_warmup``). As in that recipe they are real training
+            steps: with an ``optimizer`` they update the parameters.
         validate: before each replay, check the new batch's label values (one device
             sync). ``False`` skips the check: bad labels then reach the kernels, where
             they corrupt the loss or trip a device-side assert.

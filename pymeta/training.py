@@ -190,12 +190,13 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         inner_steps=1, inner_lr=0.4, outer_lr=1e-3,
     ),
 }
-# Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
 # Algorithms whose training step is episode_step: TrainConfig.cuda_graph captures it, and
 # TrainConfig.task_chunk runs it through the learner's chunked meta_loss.
 CUDA_GRAPH_ALGOS = TASK_CHUNK_ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet")
 # Algorithms that take TrainConfig.checkpoint_steps (recomputed second-order inner steps).
 CHECKPOINT_STEPS_ALGOS = ("maml", "fomaml", "metasgd")
+
+# Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
 
 ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # Reptile: several first-order steps on all of a task's examples (Nichol et al. 2018).

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
+from torch.nn.modules.utils import _pair
 
-from pymeta.ops.max_pool2d import max_pool2d
+from pymeta.ops import _backends
+from pymeta.ops.max_pool2d import CPP_MIN_WIDTH, max_pool2d
 
 
 def with_ties(shape, dtype=torch.float32, seed=0):
@@ -15,7 +17,8 @@ def with_ties(shape, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("kernel,stride", [(2, None), (3, 2), ((2, 3), (1, 2))])
-@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (2, 64, 14, 14)])
+# Narrow planes take the channels-last path, planes >= CPP_MIN_WIDTH the C++ kernel.
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (2, 64, 14, 14), (2, 3, 15, 17)])
 def test_values_and_gradients_equal_f_max_pool2d_with_ties(shape, kernel, stride):
     x = with_ties(shape).requires_grad_()
     ours, theirs = max_pool2d(x, kernel, stride), F.max_pool2d(x, kernel, stride)
@@ -40,10 +43,48 @@ def test_nan_propagates_like_f_max_pool2d():
     assert torch.equal(g[0], g[1])
 
 
-def test_float64_gradcheck_and_gradgradcheck():
-    x = torch.rand(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
+@pytest.mark.parametrize("width", [7, CPP_MIN_WIDTH + 1])
+def test_float64_gradcheck_and_gradgradcheck(width):
+    x = torch.rand(2, 3, 6, width, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
     assert gradcheck(lambda t: max_pool2d(t, 2), (x,))
     assert gradgradcheck(lambda t: max_pool2d(t, (3, 2), (2, 2)), (x,))
+
+
+cpp = pytest.mark.skipif(_backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
+                         reason="the C++ extension did not build")
+
+
+@cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,kernel,stride",
+    [((2, 3, 28, 28), 2, 2), ((1, 2, 15, 17), 2, 2), ((3, 1, 16, 16), 3, 2), ((2, 2, 9, 20), (2, 3), (1, 2)),
+     ((1, 1, 5, 5), 5, 1), ((1, 2, 2, 2), 2, 2)],
+)
+def test_cpp_kernel_equals_aten_bit_for_bit(dtype, shape, kernel, stride):
+    x = with_ties(shape, dtype) - 1.0  # ties at 0 and -1, negatives too
+    x.view(-1)[:: 7] = float("nan")
+    x.view(-1)[3 :: 11] = float("-inf")
+    kernel, stride = list(_pair(kernel)), list(_pair(stride))
+    out, idx = torch.ops.pymeta_cpu.max_pool2d_with_indices(x, kernel, stride)
+    ref, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, [0, 0], [1, 1], False)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    strided = x.transpose(2, 3)  # made contiguous by the kernel
+    torch.testing.assert_close(torch.ops.pymeta_cpu.max_pool2d_with_indices(strided, kernel, stride)[1],
+                               torch.ops.aten.max_pool2d_with_indices(strided, kernel, stride, [0, 0], [1, 1],
+                                                                      False)[1], rtol=0, atol=0)
+
+
+@cpp
+def test_cpp_kernel_bad_arguments():
+    op = torch.ops.pymeta_cpu.max_pool2d_with_indices
+    with pytest.raises(ValueError, match=r"input must be \[N, C, H, W\], got shape \[4, 4\]"):
+        op(torch.zeros(4, 4), [2, 2], [2, 2])
+    with pytest.raises(ValueError, match=r"input plane 3x3 is smaller than the kernel \[4, 4\]"):
+        op(torch.zeros(1, 1, 3, 3), [4, 4], [1, 1])
+    with pytest.raises(ValueError, match="kernel and stride must be >= 1"):
+        op(torch.zeros(1, 1, 3, 3), [2, 2], [0, 1])
 
 
 def test_cases_outside_the_fast_path_fall_back_to_f_max_pool2d():

@@ -1,0 +1,155 @@
+// Max pooling forward with indices on NCHW CPU tensors, no padding or dilation: what
+// pymeta.ops.max_pool2d's forward runs. ATen's NCHW kernel is ~4x slower than its
+// channels-last one, and converting to channels-last and back costs more than the
+// pooling; this kernel reads the NCHW planes in place (conv4 [75, 64, 28, 28], 1
+// thread: 2.9 ms against 9.2 ms for the channels-last round trip).
+//
+// Same results as ATen, bit for bit: each window is scanned row by row, a value replaces
+// the current maximum if it is greater or NaN (so the first maximum wins ties and the
+// last NaN wins), and indices are flat positions in the input plane.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+namespace pymeta {
+namespace {
+
+// As in inner_sgd.cpp: an AVX2 clone picked at load time (the JIT build has no -march).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYMETA_MULTIVERSION
+#endif
+
+struct Window {
+  int64_t kh, kw, sh, sw;
+};
+
+// ATen's update rule: a greater value or a NaN replaces the current maximum.
+template <typename scalar_t>
+inline bool take(scalar_t v, scalar_t best) {
+  return v > best || std::isnan(v);
+}
+
+// One plane [H, W] -> [OH, OW], any window.
+template <typename scalar_t>
+void pool_plane(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t W, int64_t OH, int64_t OW, Window w) {
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t first = oh * w.sh * W + ow * w.sw;
+      scalar_t best = in[first];
+      int64_t where = first;
+      for (int64_t i = 0; i < w.kh; ++i) {
+        for (int64_t j = (i == 0 ? 1 : 0); j < w.kw; ++j) {
+          const int64_t at = first + i * W + j;
+          if (take(in[at], best)) {
+            best = in[at];
+            where = at;
+          }
+        }
+      }
+      out[oh * OW + ow] = best;
+      idx[oh * OW + ow] = where;
+    }
+  }
+}
+
+// The 2x2 / stride 2 window of conv nets, unrolled and branch-free so it vectorises.
+template <typename scalar_t>
+inline void pool_plane_2x2(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t W, int64_t OH, int64_t OW) {
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const scalar_t* r0 = in + 2 * oh * W;
+    const scalar_t* r1 = r0 + W;
+    const int64_t base = 2 * oh * W;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      scalar_t best = r0[2 * ow];
+      int64_t where = base + 2 * ow;
+      scalar_t v = r0[2 * ow + 1];
+      bool t = take(v, best);
+      best = t ? v : best;
+      where = t ? base + 2 * ow + 1 : where;
+      v = r1[2 * ow];
+      t = take(v, best);
+      best = t ? v : best;
+      where = t ? base + W + 2 * ow : where;
+      v = r1[2 * ow + 1];
+      t = take(v, best);
+      best = t ? v : best;
+      where = t ? base + W + 2 * ow + 1 : where;
+      out[oh * OW + ow] = best;
+      idx[oh * OW + ow] = where;
+    }
+  }
+}
+
+// Multiversioned entry points (target_clones wants plain functions, not templates); the
+// inlined template body is compiled for each target.
+PYMETA_MULTIVERSION void pool_plane_2x2_float(const float* in, float* out, int64_t* idx, int64_t W, int64_t OH,
+                                              int64_t OW) {
+  pool_plane_2x2(in, out, idx, W, OH, OW);
+}
+
+PYMETA_MULTIVERSION void pool_plane_2x2_double(const double* in, double* out, int64_t* idx, int64_t W, int64_t OH,
+                                               int64_t OW) {
+  pool_plane_2x2(in, out, idx, W, OH, OW);
+}
+
+inline void pool_plane_2x2_any(const float* in, float* out, int64_t* idx, int64_t W, int64_t OH, int64_t OW) {
+  pool_plane_2x2_float(in, out, idx, W, OH, OW);
+}
+
+inline void pool_plane_2x2_any(const double* in, double* out, int64_t* idx, int64_t W, int64_t OH, int64_t OW) {
+  pool_plane_2x2_double(in, out, idx, W, OH, OW);
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel,
+                                                  at::IntArrayRef stride) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "input must be [N, C, H, W], got shape ", input.sizes());
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2, "kernel and stride must have 2 values, got ", kernel,
+                    " and ", stride);
+  TORCH_CHECK_VALUE(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1,
+                    "kernel and stride must be >= 1, got ", kernel, " and ", stride);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK_VALUE(H >= kernel[0] && W >= kernel[1], "input plane ", H, "x", W, " is smaller than the kernel ",
+                    kernel);
+  const int64_t OH = (H - kernel[0]) / stride[0] + 1, OW = (W - kernel[1]) / stride[1] + 1;
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty({N, C, OH, OW}, x.options());
+  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kLong));
+  const Window w{kernel[0], kernel[1], stride[0], stride[1]};
+  const bool two_by_two = w.kh == 2 && w.kw == 2 && w.sh == 2 && w.sw == 2;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_max_pool2d", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    int64_t* ix = indices.mutable_data_ptr<int64_t>();
+    // Grain: enough planes per task that a small plane's dispatch cost is amortised.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        if (two_by_two) {
+          pool_plane_2x2_any(in + p * H * W, o + p * OH * OW, ix + p * OH * OW, W, OH, OW);
+        } else {
+          pool_plane(in + p * H * W, o + p * OH * OW, ix + p * OH * OW, W, OH, OW, w);
+        }
+      }
+    });
+  });
+  return {out, indices};
+}
+
+}  // namespace
+}  // namespace pymeta
+
+TORCH_LIBRARY_FRAGMENT(pymeta_cpu, m) {
+  m.def("max_pool2d_with_indices(Tensor input, int[] kernel, int[] stride) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pymeta_cpu, CPU, m) {
+  m.impl("max_pool2d_with_indices", &pymeta::max_pool2d_cpu);
+}

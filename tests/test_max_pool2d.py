@@ -18,7 +18,7 @@ def with_ties(shape, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("kernel,stride", [(2, None), (3, 2), ((2, 3), (1, 2))])
 # Narrow planes take the channels-last path, planes >= CPP_MIN_WIDTH the C++ kernel.
-@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (2, 64, 14, 14), (2, 3, 15, 17)])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (2, 64, 14, 14), (2, 3, 15, 17), (2, 4, 28, 28)])
 def test_values_and_gradients_equal_f_max_pool2d_with_ties(shape, kernel, stride):
     x = with_ties(shape).requires_grad_()
     ours, theirs = max_pool2d(x, kernel, stride), F.max_pool2d(x, kernel, stride)

@@ -12,9 +12,10 @@ is ATen's NCHW one. All share the indices, so values, gradients and double gradi
 are exactly ``F.max_pool2d``'s (same window scan order, same first-maximum rule for
 ties, NaN propagated the same way).
 
-Forward of ``[75, 64, 28, 28]``, 1 thread: C++ 2.9 ms, channels-last round trip 9.2 ms,
-ATen NCHW 22 ms; at 14x14 planes 1.7 vs 2.4 ms, at 7x7 the round trip wins (0.3 vs
-0.65 ms: a plane that small is too short a loop).
+Forward of ``[75, 64, 28, 28]``, 1 thread (``benchmarks/bench_max_pool2d.py``): C++
+2.3 ms, channels-last round trip 6.1 ms, ATen NCHW 18 ms. At 14x14 planes the round
+trip is already slightly faster (1.27 vs 1.37 ms) and at 7x7 clearly (0.17 vs 0.53 ms:
+a short plane is too short a loop), hence :data:`CPP_MIN_WIDTH`.
 
 Used by the ``"loop"`` and ``"lowered"`` strategies for CPU tensors (see
 :mod:`pymeta.core.norms`, :mod:`pymeta.core.lowered`); any case outside the fast path
@@ -33,7 +34,7 @@ from torch.nn.modules.utils import _pair
 from pymeta.ops import _backends
 
 # Narrower planes pool faster through ATen's channels-last kernel (see above).
-CPP_MIN_WIDTH = 14
+CPP_MIN_WIDTH = 16
 
 
 def max_pool2d(

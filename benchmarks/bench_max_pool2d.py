@@ -1,0 +1,125 @@
+"""Max-pool forward on CPU (``pymeta.ops.max_pool2d``) per path, and its share of a conv4 step.
+
+Part 1, the forward with indices (what autograd needs) on conv4 activation shapes,
+2x2 / stride 2, three ways: ATen's NCHW kernel, ATen's channels-last kernel with the
+layout round trip (input to channels-last, output and indices back), and pymeta's C++
+kernel on the NCHW planes in place (``pymeta_cpu::max_pool2d_with_indices``). Medians
+of ``--repeats`` interleaved rounds of ``--calls`` calls each.
+
+Part 2, an A/B of the whole conv4 second-order MAML meta-step (workload (b) of
+``bench_meta.py``, pymeta ``lowered``, ``task_chunk=1``) with the C++ kernel enabled and
+disabled (``CPP_MIN_WIDTH`` raised out of reach), alternating in one process: the
+median of the per-round time ratios.
+
+    python benchmarks/bench_max_pool2d.py [--threads 1] [--repeats 7] [--calls 20] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from measure import print_table, write_csv
+from peers import WORKLOADS
+
+import pymeta.ops.max_pool2d as max_pool2d_module
+from pymeta.ops._backends import unavailable_reason
+
+SHAPES = [(75, 64, 28, 28), (5, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7)]  # conv4 query / support planes
+WINDOW = ([2, 2], [2, 2])
+
+
+def aten_nchw(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.max_pool2d_with_indices(x, *WINDOW, [0, 0], [1, 1], False)
+
+
+def aten_channels_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, indices = torch.ops.aten.max_pool2d_with_indices(
+        x.contiguous(memory_format=torch.channels_last), *WINDOW, [0, 0], [1, 1], False
+    )
+    return out.contiguous(), indices.contiguous()
+
+
+def pymeta_cpp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.pymeta_cpu.max_pool2d_with_indices(x, *WINDOW)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int, calls: int
+) -> dict[str, float]:
+    """Median seconds per call ``fn(x)`` of each function, timed in interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
+    rows = []
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        assert torch.equal(pymeta_cpp(x)[1], aten_nchw(x)[1])  # same argmax before timing
+        med = interleaved_medians({"nchw": aten_nchw, "cl": aten_channels_last, "cpp": pymeta_cpp}, x, repeats, calls)
+        rows.append({"shape": str(list(shape)), "aten_nchw_ms": 1e3 * med["nchw"],
+                     "aten_cl_round_trip_ms": 1e3 * med["cl"], "pymeta_cpp_ms": 1e3 * med["cpp"],
+                     "cl_over_cpp": med["cl"] / med["cpp"],
+                     "used": "cpp" if shape[-1] >= max_pool2d_module.CPP_MIN_WIDTH else "cl"})  # fmt: skip
+    return rows
+
+
+def meta_step_ab(steps: int) -> dict[str, object]:
+    """Conv4 2nd-order meta-step with and without the C++ forward, alternating."""
+    meta = WORKLOADS["conv4-maml-2nd"].build("pymeta", strategy="lowered")
+    default_width = max_pool2d_module.CPP_MIN_WIDTH
+    for _ in range(2):
+        meta.step()
+    times: dict[str, list[float]] = {"cpp": [], "cl": []}
+    try:
+        for _ in range(steps):
+            for name, width in (("cpp", default_width), ("cl", 10**9)):
+                max_pool2d_module.CPP_MIN_WIDTH = width
+                start = time.perf_counter()
+                meta.step()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        max_pool2d_module.CPP_MIN_WIDTH = default_width
+    ratio = statistics.median(c / p for c, p in zip(times["cl"], times["cpp"], strict=True))
+    return {"step_cpp_s": statistics.median(times["cpp"]), "step_cl_s": statistics.median(times["cl"]),
+            "cl_over_cpp": ratio}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (part 1)")
+    p.add_argument("--calls", type=int, default=20, help="calls per round and variant (part 1)")
+    p.add_argument("--steps", type=int, default=6, help="meta-steps per variant (part 2; 0 skips it)")
+    args = p.parse_args()
+    reason = unavailable_reason("cpp", torch.device("cpu"))
+    if reason is not None:
+        raise SystemExit(f"error: the C++ extension is not available: {reason}")
+    torch.set_num_threads(args.threads)
+    rows = kernel_rows(args.repeats, args.calls)
+    write_csv(f"max_pool2d_{args.threads}threads.csv", rows)
+    print(f"\nmax_pool2d_with_indices forward, 2x2/2, {args.threads} thread(s), median of {args.repeats} rounds; "
+          f"'used' = what pymeta.ops.max_pool2d runs for that shape")  # fmt: skip
+    print_table(rows, [("shape", "shape", "18s"), ("aten_nchw_ms", "ATen NCHW ms", "12.3f"),
+                       ("aten_cl_round_trip_ms", "ATen CL+copies ms", "17.3f"),
+                       ("pymeta_cpp_ms", "pymeta C++ ms", "13.3f"), ("cl_over_cpp", "CL/C++", "7.2f"),
+                       ("used", "used", "4s")])  # fmt: skip
+    if args.steps:
+        ab = meta_step_ab(args.steps)
+        print(f"\nconv4 2nd-order MAML meta-step (32 tasks, lowered, task_chunk=1), {args.steps} alternating rounds: "
+              f"C++ forward {ab['step_cpp_s']:.3f} s, channels-last round trip {ab['step_cl_s']:.3f} s, "
+              f"ratio {ab['cl_over_cpp']:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

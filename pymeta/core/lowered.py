@@ -158,6 +158,17 @@ def _bias_view(bias: Tensor, out: Tensor) -> Tensor:
     return bias.view(bias.shape[0], *([1] * (out.dim() - 2)), bias.shape[1])
 
 
+def _fold_tasks(x: Tensor) -> Tensor:
+    """``[T, B, C, ...]`` -> ``[B, T*C, ...]``: each task's channels side by side, so a
+    grouped conv or a BatchNorm over channels treats the tasks separately."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _unfold_tasks(out: Tensor, num_tasks: int) -> Tensor:
+    """The inverse of :func:`_fold_tasks` for a result ``[B, T*C', ...]`` -> ``[T, B, C', ...]`` (a view)."""
+    return out.view(out.shape[0], num_tasks, -1, *out.shape[2:]).transpose(0, 1)
+
+
 def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise NotLowerable(
@@ -176,12 +187,11 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         weight = _per_task(weight, 4, num_tasks)
         bias = _per_task(bias, 1, num_tasks)
         # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'].
-        folded = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
         out = F.conv2d(
-            folded, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+            _fold_tasks(x), weight.flatten(0, 1), None if bias is None else bias.flatten(),
             groups=num_tasks * module.groups, **options,
         )
-        return out.view(batch, num_tasks, -1, *out.shape[2:]).transpose(0, 1)
+        return _unfold_tasks(out, num_tasks)
 
     return conv2d
 
@@ -190,16 +200,15 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
     get = _getter(module, prefix)
 
     def batch_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
-        num_tasks, batch = x.shape[:2]
+        num_tasks = x.shape[0]
         # Per-task statistics: fold tasks into channels, [B, T*C, ...], and normalise
         # with batch statistics (running statistics are never read nor written).
-        folded = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
         weight, bias = (
             None if p is None else _per_task(p, 1, num_tasks).flatten()
             for p in (get(weights, "weight"), get(weights, "bias"))
         )
-        out = F.batch_norm(folded, None, None, weight, bias, True, 0.0, module.eps)
-        return out.view(batch, num_tasks, *x.shape[2:]).transpose(0, 1)
+        out = F.batch_norm(_fold_tasks(x), None, None, weight, bias, True, 0.0, module.eps)
+        return _unfold_tasks(out, num_tasks)
 
     return batch_norm
 

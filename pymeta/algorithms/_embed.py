@@ -20,7 +20,7 @@ record and restore the choice (``pymeta.training``).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pymeta.core.batched import StrategyPicker, TaskBatched, check_strategy
 from pymeta.core.norms import has_batch_norm
@@ -33,30 +33,13 @@ def embedding_picker(batched: TaskBatched, strategy: str) -> StrategyPicker | No
     """The strategy picker for embedding with ``batched.module``'s own weights.
 
     ``strategy`` is checked (``"auto"`` or a concrete strategy). ``None`` when the module
-    has no BatchNorm: :func:`embed` then flattens the tasks into one batch whatever the
-    strategy, so there is nothing to choose (or to record in a checkpoint).
+    has no BatchNorm: :func:`embed_episode` then flattens the tasks into one batch
+    whatever the strategy, so there is nothing to choose (or to record in a checkpoint).
     """
     check_strategy(strategy)
     if not has_batch_norm(batched.module):
         return None
     return batched.picker(strategy)
-
-
-def embed(batched: TaskBatched, x: Tensor, strategy: str) -> Tensor:
-    """Run ``batched.module`` with its own weights on all tasks: ``x: [T, B, ...]`` -> ``[T, B, ...]``.
-
-    Without BatchNorm: one call on the flattened ``[T * B, ...]`` batch (``strategy`` is
-    ignored). With BatchNorm: ``batched.forward({}, x, strategy)`` (a concrete strategy),
-    each task normalised with the statistics of its B examples.
-    """
-    if not has_batch_norm(batched.module):
-        return _flat(batched.module, x)
-    return batched.forward({}, x, strategy)
-
-
-def _flat(module: nn.Module, x: Tensor) -> Tensor:
-    """``module`` on the examples of all tasks as one batch: ``[T, B, ...]`` -> ``[T, B, ...]``."""
-    return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 def embed_episode(
@@ -83,14 +66,12 @@ def embed_episode(
         ``([T, S, ...], [T, Q, ...])`` embeddings.
     """
     shots = support_x.shape[1]
-    if picker is None or batch_stats == "joint":
+    if picker is None:  # no BatchNorm: the tasks are independent, one flat batch
         x = torch.cat([support_x, query_x], dim=1)
-        if picker is None:
-            z = _flat(batched.module, x)
-        else:
-            with picker.timed() as strategy:
-                z = embed(batched, x, strategy)
+        z = batched.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         return z[:, :shots], z[:, shots:]
     with picker.timed() as strategy:
-        return embed(batched, support_x, strategy), embed(batched, query_x, strategy)
-
+        if batch_stats == "separate":
+            return batched.forward({}, support_x, strategy), batched.forward({}, query_x, strategy)
+        z = batched.forward({}, torch.cat([support_x, query_x], dim=1), strategy)
+        return z[:, :shots], z[:, shots:]

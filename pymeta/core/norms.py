@@ -43,8 +43,8 @@ class EpisodeFunctions(TorchFunctionMode):
         batch_norm: ``F.batch_norm`` uses batch statistics and leaves running
             statistics alone (the episode policy above).
         max_pool: ``F.max_pool2d`` takes :func:`pymeta.ops.max_pool2d`'s fast CPU path
-            (same results, forward in channels-last, backward in NCHW). Not under
-            ``vmap``, which would need a batching rule for it.
+            (same results, a faster forward kernel). Not under ``vmap``, which would need
+            a batching rule for it.
     """
 
     def __init__(self, batch_norm: bool = True, max_pool: bool = False) -> None:

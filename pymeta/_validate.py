@@ -25,7 +25,7 @@ from torch import Tensor
 class ValueCheck:
     """A check of the values of ``inputs`` (``run()`` raises ``ValueError`` on bad ones)."""
 
-    run: Callable[[], None]
+    run: Callable[[], object]  # its result is not used
     inputs: tuple[Tensor, ...]
 
 
@@ -48,7 +48,7 @@ def deferred_value_checks() -> Iterator[list[ValueCheck]]:
         _deferred.reset(token)
 
 
-def value_check(run: Callable[[], None], *inputs: Tensor) -> None:
+def value_check(run: Callable[[], object], *inputs: Tensor) -> None:
     """Run ``run()`` (a check reading only ``inputs``' values) now, or record it when deferred."""
     checks = _deferred.get()
     if checks is None:
@@ -242,6 +242,8 @@ def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
     class mean over no examples is undefined, not NaN). Reads the values: syncs on CUDA
     (a :func:`value_check`). The C++ kernels raise the same messages.
     """
+    if _deferred.get() is None:  # checked now: the check's counts are the result
+        return _class_counts_checked(labels, n_way, name)
     value_check(lambda: _class_counts_checked(labels, n_way, name), labels)
     return _class_counts(labels.long(), n_way)
 
@@ -252,7 +254,7 @@ def _class_counts(labels: Tensor, n_way: int) -> Tensor:
     return counts.scatter_add_(1, labels, torch.ones_like(labels))
 
 
-def _class_counts_checked(labels: Tensor, n_way: int, name: str) -> None:
+def _class_counts_checked(labels: Tensor, n_way: int, name: str) -> Tensor:
     lab = labels.long()
     bad = (lab < 0) | (lab >= n_way)
     if bad.any():
@@ -268,6 +270,7 @@ def _class_counts_checked(labels: Tensor, n_way: int, name: str) -> None:
             f"class {c} has no example in task {t} of {name}: every class in "
             f"[0, n_way) = [0, {n_way}) needs at least one support example per task"
         )
+    return counts
 
 
 def interval(name: str, value: object, strict: bool = False) -> tuple[float, float]:

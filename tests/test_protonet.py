@@ -44,6 +44,19 @@ ENCODERS = {
 }
 
 
+def assert_matches_direct(net, episode, logits, metric, batch_stats, label):
+    """Assert ProtoNet's ``logits`` and their encoder gradients equal :func:`direct_logits`'s
+    (float64, 1e-10), printing both errors under ``label`` first."""
+    expected = direct_logits(net, episode, metric, batch_stats)
+    qy = episode[3].flatten()
+    grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), qy), list(net.parameters()))
+    ref = torch.autograd.grad(F.cross_entropy(expected.flatten(0, 1), qy), list(net.parameters()))
+    err = relative_error(grads, ref)
+    print(f"{label}: max |logit err| {(logits - expected).abs().max().item():.3e}, grad rel err {err:.3e}")
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+    assert err < 1e-10
+
+
 @pytest.mark.parametrize("batch_stats", ["joint", "separate"])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
 @pytest.mark.parametrize("encoder", list(ENCODERS))
@@ -51,17 +64,11 @@ def test_logits_and_gradients_match_direct_formula(encoder, metric, batch_stats)
     make_encoder, make_episode = ENCODERS[encoder]
     net = make_encoder().double()
     episode = make_episode()
-    sx, sy, qx, qy = episode
+    sx, sy, qx, _ = episode
     before = {n: b.clone() for n, b in net.named_buffers()}
     logits = pymeta.ProtoNet(net, metric=metric, batch_stats=batch_stats).episode(sx, sy, qx)
-    expected = direct_logits(net, episode, metric, batch_stats)
     assert logits.shape == (sx.shape[0], qx.shape[1], int(sy.max()) + 1)
-    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
-    grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), qy.flatten()), list(net.parameters()))
-    ref = torch.autograd.grad(F.cross_entropy(expected.flatten(0, 1), qy.flatten()), list(net.parameters()))
-    err = relative_error(grads, ref)
-    print(f"{encoder} {metric} {batch_stats}: max |logit err| {(logits - expected).abs().max().item():.3e}, grad rel err {err:.3e}")
-    assert err < 1e-10
+    assert_matches_direct(net, episode, logits, metric, batch_stats, f"{encoder} {metric} {batch_stats}")
     for name, buffer in net.named_buffers():
         assert torch.equal(buffer, before[name]), name
 
@@ -73,17 +80,11 @@ def test_every_strategy_gives_the_reference_logits_and_gradients(strategy, batch
     reference (and so each other) in logits and in the gradients of the encoder."""
     net = conv_bn(n_way=6).double()
     episode = classification_episode(tasks=3, ways=3, shots=2, queries=3)
-    sx, sy, qx, qy = episode
+    sx, sy, qx, _ = episode
     protonet = pymeta.ProtoNet(net, metric="euclidean", batch_stats=batch_stats, strategy=strategy)
     assert protonet.strategy == strategy
-    logits = protonet.episode(sx, sy, qx)
-    expected = direct_logits(net, episode, "euclidean", batch_stats)
-    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
-    grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), qy.flatten()), list(net.parameters()))
-    ref = torch.autograd.grad(F.cross_entropy(expected.flatten(0, 1), qy.flatten()), list(net.parameters()))
-    err = relative_error(grads, ref)
-    print(f"{strategy} {batch_stats}: grad rel err {err:.3e}")
-    assert err < 1e-10
+    assert_matches_direct(net, episode, protonet.episode(sx, sy, qx), "euclidean", batch_stats,
+                          f"{strategy} {batch_stats}")
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from pymeta import _validate, checkpoint, distributed
 from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.core.batched import strategy_pickers
+from pymeta.core.norms import has_batch_norm
 from pymeta.cuda_graph import CUDAGraphStep
 from pymeta.data import Episode
 from pymeta.data._stream import batch_generator
@@ -423,7 +424,7 @@ def train(
     learner.load_state_dict(best_model)
     test, before = evaluate_checkpointed(learner, spec, config, progress and main)
     if main:
-        log(report_line(config, spec, test, before))
+        log(report_line(config, spec, test, before, learner))
     return Result(config, learner, history, test, before, seconds, Path(config.out), losses)
 
 
@@ -510,14 +511,23 @@ def evaluate_checkpointed(
     return test, before
 
 
-def report_line(config: TrainConfig, spec: DataSpec, test: Stats, before: Stats | None) -> str:
+def report_line(
+    config: TrainConfig, spec: DataSpec, test: Stats, before: Stats | None, learner: nn.Module | None = None
+) -> str:
+    """The test report; with a ``learner`` that has BatchNorm, also the normalisation
+    policy the evaluation used (:func:`evaluate` runs learners in train mode)."""
     metric = "accuracy" if spec.task == "classification" else "MSE"
     shots = f"{config.ways}-way {config.shots}-shot" if spec.task == "classification" else f"{config.shots}-shot"
     if before is None:  # no inner loop (ProtoNet): nothing adapts
-        return f"test {metric} ({shots}): {test}"
-    steps = config.eval_inner_steps
-    return (f"test {metric} after adaptation ({shots}, {steps} step{'' if steps == 1 else 's'}): {test}"
-            f"\ntest {metric} before adaptation: {before}")
+        report = f"test {metric} ({shots}): {test}"
+    else:
+        steps = config.eval_inner_steps
+        report = (f"test {metric} after adaptation ({shots}, {steps} step{'' if steps == 1 else 's'}): {test}"
+                  f"\ntest {metric} before adaptation: {before}")
+    if learner is not None and has_batch_norm(learner):
+        report += ("\nBatchNorm: per-task batch statistics of each task's examples "
+                   "(transductive, as the papers' reference code evaluates)")
+    return report
 
 
 def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module, DataSpec, TrainConfig]:

@@ -86,3 +86,16 @@ def test_report_line_names_inner_steps_only_for_learners_that_adapt():
     assert training.report_line(proto, spec, stats, None) == f"test accuracy (5-way 1-shot): {stats}"
     maml = training.TrainConfig(algo="maml", inner_steps=3).resolved()
     assert training.report_line(maml, spec, stats, stats).startswith("test accuracy after adaptation (5-way 1-shot, 3 steps)")
+
+
+def test_report_line_states_the_batchnorm_policy_of_the_evaluation():
+    from types import SimpleNamespace
+
+    from pymeta.models import conv4, mlp
+
+    spec, stats = SimpleNamespace(task="classification"), training.Stats(0.9, 0.01, 600)
+    config = training.TrainConfig(algo="protonet").resolved()
+    with_bn = training.report_line(config, spec, stats, None, conv4(1, n_way=None, image_size=28))
+    assert with_bn.endswith("BatchNorm: per-task batch statistics of each task's examples "
+                            "(transductive, as the papers' reference code evaluates)")
+    assert "BatchNorm" not in training.report_line(config, spec, stats, None, mlp(1, (8,), 1))

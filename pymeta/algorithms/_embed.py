@@ -2,11 +2,12 @@
 
 The embedding network runs with its own weights (no per-task fast weights), so without
 BatchNorm the tasks are independent and the examples of all tasks are flattened into one
-batch ``[T * B, ...]``: one call, at full speed, on any device, nothing to choose.
+batch ``[T * B, ...]``: one call, at full speed, on any device, nothing to choose. The
+same holds in eval mode, where BatchNorm normalises with its running statistics.
 
-With BatchNorm the episode policy of :mod:`pymeta.core.norms` applies: each task is
-normalised with the statistics of its own batch and running statistics stay untouched.
-That needs a task-batched execution strategy (:class:`pymeta.core.batched.TaskBatched`),
+With BatchNorm in train mode the episode policy of :mod:`pymeta.core.norms` applies:
+each task is normalised with the statistics of its own batch and running statistics
+stay untouched. That needs a task-batched execution strategy (:class:`pymeta.core.batched.TaskBatched`),
 and which is fastest depends on the model and the device: on a 2-core CPU a per-task
 ``"loop"`` embeds the conv4 backbone (32 tasks x 80 images, forward and backward) about
 8x faster than ``vmap`` (whose folded ``[T * B, 64, 28, 28]`` activations make BatchNorm
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pymeta.core.batched import StrategyPicker, TaskBatched, check_strategy
-from pymeta.core.norms import has_batch_norm
+from pymeta.core.norms import has_batch_norm, uses_batch_statistics
 
 # How BatchNorm batches the support and query examples of a task (ProtoNet's ``batch_stats``).
 BATCH_STATS = ("joint", "separate")
@@ -59,14 +60,16 @@ def embed_episode(
         batch_stats: where BatchNorm takes each task's statistics: ``"joint"`` over its
             support and query examples together (one batch of S + Q), ``"separate"``
             over its support examples for the support embeddings and over its query
-            examples for the query embeddings (two batches). Without BatchNorm both are
-            the same function and the examples of all tasks run as one batch.
+            examples for the query embeddings (two batches). Without BatchNorm in train
+            mode both are the same function and the examples of all tasks run as one batch.
 
     Returns:
         ``([T, S, ...], [T, Q, ...])`` embeddings.
     """
     shots = support_x.shape[1]
-    if picker is None:  # no BatchNorm: the tasks are independent, one flat batch
+    if picker is None or not uses_batch_statistics(batched.module):
+        # No BatchNorm, or all of it in eval mode on running statistics: every example
+        # is independent of the others, so the tasks run as one flat batch.
         x = torch.cat([support_x, query_x], dim=1)
         z = batched.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         return z[:, :shots], z[:, shots:]

@@ -11,9 +11,9 @@ layer                                      batched form (x: ``[T, B, ...]``)
 =========================================  ==============================================
 ``nn.Linear``                              ``baddbmm`` with ``[T, out, in]`` weights
 ``nn.Conv2d`` (zeros padding)              one grouped convolution, tasks as groups
-``nn.BatchNorm1d`` / ``nn.BatchNorm2d``    per-task batch statistics (the episode policy
-                                           of :mod:`pymeta.core.norms`), tasks folded
-                                           into channels, running stats untouched
+``nn.BatchNorm1d`` / ``nn.BatchNorm2d``    tasks folded into channels; per-task batch
+                                           statistics in train mode, running statistics
+                                           in eval mode (:mod:`pymeta.core.norms`)
 ``nn.LayerNorm``                           normalise, then per-task affine
 pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim (max-pool via
                                            :func:`pymeta.ops.max_pool2d`)
@@ -201,13 +201,20 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
 
     def batch_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
         num_tasks = x.shape[0]
-        # Per-task statistics: fold tasks into channels, [B, T*C, ...], and normalise
-        # with batch statistics (running statistics are never read nor written).
+        # Tasks folded into channels, [B, T*C, ...], so one kernel normalises every task
+        # with its own affine weights.
         weight, bias = (
             None if p is None else _per_task(p, 1, num_tasks).flatten()
             for p in (get(weights, "weight"), get(weights, "bias"))
         )
-        out = F.batch_norm(_fold_tasks(x), None, None, weight, bias, True, 0.0, module.eps)
+        # The mode is read at call time, as nn.BatchNorm does: eval mode with running
+        # statistics uses them (the same for every task); otherwise per-task batch
+        # statistics, running statistics neither read nor written (pymeta.core.norms).
+        if module.training or module.running_mean is None:
+            mean = var = None
+        else:
+            mean, var = module.running_mean.repeat(num_tasks), module.running_var.repeat(num_tasks)
+        out = F.batch_norm(_fold_tasks(x), mean, var, weight, bias, mean is None, 0.0, module.eps)
         return _unfold_tasks(out, num_tasks)
 
     return batch_norm

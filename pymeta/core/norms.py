@@ -1,20 +1,31 @@
-"""Episode normalisation policy for BatchNorm.
+"""Episode normalisation policy for BatchNorm: PyTorch's train/eval meaning, per task.
 
-Inside ``episode`` every BatchNorm layer normalises with the statistics of the batch it
-sees, per task (transductive, as in the MAML reference code), and running statistics
-are never updated: they would mix the per-task fast weights of all tasks, and an
-in-place update of an unbatched buffer is an error under ``vmap`` anyway.
+A BatchNorm layer inside ``episode`` does what it does in PyTorch, with tasks kept apart:
+
+* **eval mode** (``layer.eval()``, running statistics tracked): it normalises with its
+  running statistics, exactly as ``layer(x)`` does; each example is then independent of
+  the others and of the task. This is what a pretrained encoder expects and what
+  learn2learn's ``clone()`` / ``adapt()`` do, so ``episode`` agrees with them.
+* **train mode**, or a layer built with ``track_running_stats=False``: it normalises with
+  the statistics of the batch it sees, **per task** (transductive, as in the MAML
+  reference code: the support batch in the inner loop, the query batch for the
+  prediction). Running statistics are never updated inside an episode: one update
+  would mix the per-task fast weights of all tasks (and an in-place update of an
+  unbatched buffer is an error under ``vmap`` anyway), so ``episode`` never corrupts
+  the statistics a user saved.
 
 On exactness: ``vmap`` over ``torch.func.grad`` gives wrong second-order gradients
-through ``batch_norm`` and affine ``layer_norm`` (pytorch/functorch#534; see
-DESIGN.md, "Known traps"). pymeta never nests ``grad`` inside ``vmap``: it vmaps only
-the forward and takes one ``torch.autograd.grad`` of the summed task losses outside
-it. In that formulation the native kernels are exact (float64 relative error ~1e-15
-at 1 and 3 inner steps against a per-task reference, checked by tests/test_maml.py),
-so the fused native kernels stay in use. In float32, vmap's batched BatchNorm backward
-rounds worse than a per-task loop (conv4, second order: ~2e-4 to 2e-3 relative vs
-~1e-5 for the loop, measured by benchmarks/bench_meta.py's gradient check); use
-``strategy="loop"`` where float32 meta-gradients through BatchNorm must be tight.
+through ``batch_norm`` in training mode and affine ``layer_norm`` (pytorch/functorch
+issue 534, open since 2022; measured here in float64 on a conv net with BatchNorm: the
+meta-gradient of the layers before the norm is off by ~4e-2 relative at 1 inner step
+and ~2e-1 at 3). pymeta never nests ``grad`` inside ``vmap``: it vmaps only the forward
+and differentiates the summed task losses outside it. In that formulation the native
+kernels are exact (float64 relative error ~1e-15 at 1 and 3 inner steps against a
+per-task reference, checked by tests/test_maml.py), so the fused native kernels stay in
+use. In float32, vmap's batched BatchNorm backward rounds worse than a per-task loop
+(conv4, second order: ~2e-4 to 2e-3 relative vs ~1e-5 for the loop, measured by
+benchmarks/bench_meta.py's gradient check); use ``strategy="loop"`` or ``"lowered"``
+where float32 meta-gradients through BatchNorm must be tight.
 """
 
 from __future__ import annotations
@@ -31,6 +42,15 @@ def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True when a BatchNorm layer of ``module`` normalises with batch statistics now:
+    in train mode, or built with ``track_running_stats=False`` (PyTorch's rule)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in module.modules()
+    )
+
+
 def has_max_pool2d(module: nn.Module) -> bool:
     """True when ``module`` contains an ``nn.MaxPool2d`` layer."""
     return any(isinstance(m, nn.MaxPool2d) for m in module.modules())
@@ -40,8 +60,9 @@ class EpisodeFunctions(TorchFunctionMode):
     """Function overrides active while a model runs inside an episode.
 
     Args:
-        batch_norm: ``F.batch_norm`` uses batch statistics and leaves running
-            statistics alone (the episode policy above).
+        batch_norm: ``F.batch_norm`` in training mode uses batch statistics and leaves
+            running statistics alone (the episode policy above); in eval mode
+            (``training=False``: the layer uses its running statistics) it runs unchanged.
         max_pool: ``F.max_pool2d`` takes :func:`pymeta.ops.max_pool2d`'s fast CPU path
             (same results, a faster forward kernel). Not under ``vmap``, which would need
             a batching rule for it.
@@ -71,4 +92,6 @@ class EpisodeFunctions(TorchFunctionMode):
         momentum: float = 0.1,
         eps: float = 1e-5,
     ) -> Tensor:
+        if not training:  # eval mode: the running statistics, exactly as PyTorch
+            return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)

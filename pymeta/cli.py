@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config.eval_inner_steps = args.inner_steps
     elif config.eval_inner_steps is None:
         config.eval_inner_steps = config.inner_steps
-    test, before = training.evaluate_checkpointed(learner, spec, config, progress=not args.no_progress)
+    test, before = training.evaluate_test(learner, spec, config, progress=not args.no_progress)
     print(training.report_line(config, spec, test, before, learner))
     return 0
 

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate
-from pymeta.algorithms.outer_loss import episode_loss
-from pymeta.algorithms.protonet import ProtoNet
+from pymeta.algorithms.base import Learner, episode_loss
 from pymeta.core.batched import strategy_pickers
 
 BATCH_NAMES = ("support_x", "support_y", "query_x", "query_y")
@@ -49,7 +48,7 @@ class CUDAGraphStep:
     Args:
         learner: a pymeta learner with ``episode`` (MAML, MetaSGD, ANIL, ProtoNet with
             ``n_way``, FineTune); with a ``task_chunk`` its chunked ``meta_loss`` is
-            captured instead (:func:`pymeta.algorithms.outer_loss.episode_loss`).
+            captured instead (:meth:`pymeta.algorithms.Learner.outer_loss`).
         example: ``(support_x [T, S, ...], support_y, query_x [T, Q, ...], query_y)`` on
             one CUDA device: every call must pass tensors of these shapes and dtypes.
             The warm-up trains on it (below), so pass the first real batch.
@@ -78,7 +77,7 @@ class CUDAGraphStep:
 
     def __init__(
         self,
-        learner: nn.Module,
+        learner: Learner,
         example: Sequence[Tensor],
         *,
         optimizer: torch.optim.Optimizer | None = None,
@@ -87,8 +86,8 @@ class CUDAGraphStep:
         max_warmup: int = 64,
         validate: bool = True,
     ) -> None:
-        if not isinstance(learner, nn.Module) or not hasattr(learner, "episode"):
-            raise TypeError(f"learner must be a pymeta learner (an nn.Module with episode), got {type(learner).__name__}")
+        if not isinstance(learner, Learner):
+            raise TypeError(f"learner must be a pymeta learner (a pymeta.algorithms.Learner), got {type(learner).__name__}")
         _check_host_free(learner)
         if _validate.positive_int("warmup", warmup) > _validate.positive_int("max_warmup", max_warmup):
             raise ValueError(f"warmup must be <= max_warmup = {max_warmup}, got {warmup}")
@@ -199,17 +198,11 @@ def _check_parameters(learner: nn.Module, device: torch.device) -> None:
                          f"{elsewhere[:3]} are not (move the learner with .to({str(device)!r}))")
 
 
-def _check_host_free(learner: nn.Module) -> None:
+def _check_host_free(learner: Learner) -> None:
     """Refuse learner options that need the host during a step (see the module docstring)."""
-    for option, why in (("check_finite", "reads values on the host"),
-                        ("checkpoint_steps", "saves and restores the RNG state, which a capture cannot read")):
-        on = [name or "learner" for name, m in learner.named_modules() if getattr(m, option, False)]
-        if on:
-            raise ValueError(f"{on[0]} has {option}=True, which {why}: a CUDA graph cannot capture it; "
-                             f"construct it with {option}=False")
-    if isinstance(learner, ProtoNet) and learner.n_way is None:
-        raise ValueError("ProtoNet infers n_way from the labels' values on the host, which a CUDA graph "
-                         "cannot capture: construct it with ProtoNet(..., n_way=N)")
+    blockers = learner.capture_blockers()
+    if blockers:
+        raise ValueError(f"a CUDA graph cannot capture this step: {blockers[0]}")
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pymeta import _validate, checkpoint, distributed
-from pymeta.algorithms.outer_loss import episode_loss
+from pymeta.algorithms import LEARNERS, Learner
+from pymeta.algorithms.base import Batches
 from pymeta.core.batched import strategy_pickers
 from pymeta.core.norms import has_batch_norm
 from pymeta.cuda_graph import CUDAGraphStep
@@ -45,34 +46,6 @@ from pymeta.data import Episode
 from pymeta.data._stream import batch_generator
 
 DATASETS: dict[str, Callable[[TrainConfig], DataSpec]] = {}
-
-
-class Batches(Protocol):
-    """An endless, resumable source of training batches (e.g. an ``EpisodeStream``)."""
-
-    def __iter__(self) -> Iterator[Any]: ...
-    def state_dict(self) -> dict[str, int]: ...
-    def load_state_dict(self, state: Mapping[str, int]) -> None: ...
-
-
-@dataclass
-class Algorithm:
-    """How the command builds and trains one algorithm.
-
-    ``build(config, spec)`` returns the learner; ``train_step(learner, batch, spec)``
-    computes and back-propagates one outer step's gradients (the optimizer steps after)
-    and returns the loss to log, or None; ``batches(config, spec)`` gives what it trains
-    on (default: the training episodes). A batch is an :class:`Episode` or another
-    NamedTuple of tensors whose leading dim is what distributed training shards (tasks,
-    or examples), and both gradients and loss must be means over that dim.
-    """
-
-    build: Callable[[TrainConfig, DataSpec], nn.Module]
-    train_step: Callable[[nn.Module, Any, DataSpec], float | None] | None = None
-    batches: Callable[[TrainConfig, DataSpec], Batches] | None = None
-
-
-ALGORITHMS: dict[str, Algorithm] = {}
 
 
 @dataclass
@@ -118,15 +91,19 @@ class TrainConfig:
         kind = self.data.split(":", 1)[0]
         if kind not in DATA_DEFAULTS:
             raise ValueError(f"data must be one of {sorted(DATASETS)} or folder:PATH, got {self.data!r}")
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
-        for option, on, algos in (("task_chunk", self.task_chunk is not None, TASK_CHUNK_ALGOS),
-                                  ("checkpoint_steps", self.checkpoint_steps, CHECKPOINT_STEPS_ALGOS)):
+        if self.algo not in LEARNERS:
+            raise ValueError(f"algo must be one of {sorted(LEARNERS)}, got {self.algo!r}")
+        for option, on in (("task_chunk", self.task_chunk is not None), ("checkpoint_steps", self.checkpoint_steps),
+                           ("cuda_graph", self.cuda_graph)):
+            algos = algos_with(option)
             if on and self.algo not in algos:
                 raise ValueError(f"{option} only applies to algo {', '.join(algos)}, got algo {self.algo!r}")
+        if self.checkpoint_steps and (self.first_order or self.algo == "fomaml"):
+            raise ValueError("checkpoint_steps recomputes second-order inner steps; first-order MAML keeps no "
+                             "graph to recompute (drop --checkpoint-steps)")
         if self.cuda_graph:
             self._check_cuda_graph()
-        defaults = {**DATA_DEFAULTS[kind], **ALGO_DEFAULTS.get(self.algo, {}).get(kind, {})}
+        defaults = {**DATA_DEFAULTS[kind], **LEARNERS[self.algo].cli_defaults.get(kind, {})}
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, default in defaults.items():
             if values[name] is None:
@@ -138,9 +115,6 @@ class TrainConfig:
         return TrainConfig(**values)
 
     def _check_cuda_graph(self) -> None:
-        if self.algo not in CUDA_GRAPH_ALGOS:
-            raise ValueError(f"cuda_graph applies to algo {', '.join(CUDA_GRAPH_ALGOS)} (a meta-step of "
-                             f"episodes), got algo {self.algo!r}")
         if torch.device(self.device).type != "cuda":
             raise ValueError(f"cuda_graph captures CUDA graphs and needs a CUDA device, got device {self.device!r}")
         if self.checkpoint_steps:
@@ -191,21 +165,11 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         inner_steps=1, inner_lr=0.4, outer_lr=1e-3,
     ),
 }
-# Algorithms whose training step is episode_step: TrainConfig.cuda_graph captures it, and
-# TrainConfig.task_chunk runs it through the learner's chunked meta_loss.
-CUDA_GRAPH_ALGOS = TASK_CHUNK_ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet")
-# Algorithms that take TrainConfig.checkpoint_steps (recomputed second-order inner steps).
-CHECKPOINT_STEPS_ALGOS = ("maml", "fomaml", "metasgd")
 
-# Per-algorithm overrides of the dataset defaults: {algo: {data: {name: value}}}.
 
-ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    # Reptile: several first-order steps on all of a task's examples (Nichol et al. 2018).
-    "reptile": {"sinusoid": dict(inner_steps=5, inner_lr=0.02), "glyphs": dict(inner_steps=5, inner_lr=0.1)},
-    # FineTune: pre-training batches of meta_batch * ways * (shots + queries) images, then
-    # 100 full-batch SGD steps of a zero-initialised head per task.
-    "finetune": {"glyphs": dict(inner_steps=100, inner_lr=0.5), "folder": dict(inner_steps=100, inner_lr=0.5)},
-}
+def algos_with(option: str) -> list[str]:
+    """The ``--algo`` names whose learner honours the run ``option`` (``Learner.cli_options``)."""
+    return sorted(name for name, cls in LEARNERS.items() if option in cls.cli_options)
 
 
 @dataclass
@@ -219,6 +183,18 @@ class DataSpec:
     example_shape: tuple[int, ...]
     out_features: int
     loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.mse_loss)
+
+    def backbone(self, n_out: int | str | None = "head") -> nn.Module:
+        """The standard network for the data: MLP 1-40-40-1 for regression, conv4 for images.
+
+        ``n_out="head"``: a classifier with one output per way; ``None``: the encoder only.
+        """
+        from pymeta import models
+
+        if self.task == "regression":
+            return models.mlp(self.example_shape[0], (40, 40), self.out_features)
+        n_out = self.out_features if n_out == "head" else n_out
+        return models.conv4(in_channels=self.example_shape[0], n_way=n_out, image_size=self.example_shape[-1])
 
 
 @dataclass
@@ -241,21 +217,20 @@ def confidence(values: Tensor) -> Stats:
     return Stats(values.mean().item(), 1.96 * std / math.sqrt(n), n)
 
 
-def episode_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
-    """The default outer step: query loss of the adapted learners, back-propagated."""
-    loss = episode_loss(learner, *episode, spec.loss_fn)
-    loss.backward()
-    return loss.item()
+def learner_step(learner: Learner, batch: Any, spec: DataSpec) -> float | None:
+    """One outer step of ``learner`` (:meth:`Learner.train_step`); the loss as a float."""
+    loss = learner.train_step(batch, spec.loss_fn)
+    return None if loss is None else loss.item()
 
 
 class GraphedEpisodeStep:
-    """:func:`episode_step` captured as a CUDA graph on the first batch, then replayed
+    """The episode step captured as a CUDA graph on the first batch, then replayed
     (:class:`pymeta.CUDAGraphStep`; every later batch must have the first one's shapes)."""
 
     def __init__(self) -> None:
         self.graphed: CUDAGraphStep | None = None
 
-    def __call__(self, learner: nn.Module, episode: Episode, spec: DataSpec) -> float:
+    def __call__(self, learner: Learner, episode: Episode, spec: DataSpec) -> float:
         if self.graphed is None:
             self.graphed = CUDAGraphStep(learner, episode, loss_fn=spec.loss_fn)
         return self.graphed(*episode).item()
@@ -309,7 +284,7 @@ def build(config: TrainConfig) -> tuple[nn.Module, DataSpec]:
     kind = config.data.split(":", 1)[0]
     spec = DATASETS[kind](config)
     torch.manual_seed(config.seed)
-    learner = ALGORITHMS[config.algo].build(config, spec).to(config.device)
+    learner = LEARNERS[config.algo].from_config(config, spec).to(config.device)
     return learner, spec
 
 
@@ -354,8 +329,7 @@ def train(
     config = config.resolved()
     learner, spec = build(config)
     opt = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
-    algorithm = ALGORITHMS[config.algo]
-    source = algorithm.batches(config, spec) if algorithm.batches else spec.train
+    source = LEARNERS[config.algo].training_batches(config, spec) or spec.train
     history: list[dict[str, float]] = []
     best: float | None = None
     best_model: dict[str, Tensor] | None = None
@@ -377,7 +351,7 @@ def train(
     distributed.broadcast_parameters(learner)
     main = distributed.rank() == 0
     higher_is_better = spec.task == "classification"
-    train_step = GraphedEpisodeStep() if config.cuda_graph else algorithm.train_step or episode_step
+    train_step = GraphedEpisodeStep() if config.cuda_graph else learner_step
     batches = iter(source)
     losses: list[float] = []
     start = time.perf_counter()
@@ -422,7 +396,7 @@ def train(
     seconds = time.perf_counter() - start
     # Report the test metric of the best (kept) model, not of the last step.
     learner.load_state_dict(best_model)
-    test, before = evaluate_checkpointed(learner, spec, config, progress and main)
+    test, before = evaluate_test(learner, spec, config, progress and main)
     if main:
         log(report_line(config, spec, test, before, learner))
     return Result(config, learner, history, test, before, seconds, Path(config.out), losses)
@@ -494,20 +468,21 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def evaluate_checkpointed(
-    learner: nn.Module, spec: DataSpec, config: TrainConfig, progress: bool
+def evaluate_test(
+    learner: Learner, spec: DataSpec, config: TrainConfig, progress: bool
 ) -> tuple[Stats, Stats | None]:
-    """Test statistics after adaptation and, for gradient-based learners, before it."""
-    if hasattr(learner, "steps"):
-        learner.steps = config.eval_inner_steps
+    """Test statistics after adaptation and, for learners that take inner steps, before it."""
+    adapts = learner.inner_steps is not None
+    if adapts:
+        learner.inner_steps = config.eval_inner_steps
     test = evaluate(learner, spec.make_eval("test", config.seed + 2), config.eval_episodes, spec.task,
                     config.device, progress, "test")
     before = None
-    if hasattr(learner, "steps"):
-        learner.steps = 0
+    if adapts:
+        learner.inner_steps = 0
         before = evaluate(learner, spec.make_eval("test", config.seed + 2), config.eval_episodes, spec.task,
                           config.device, progress, "test (no adaptation)")
-        learner.steps = config.inner_steps
+        learner.inner_steps = config.inner_steps
     return test, before
 
 
@@ -601,68 +576,6 @@ def _folder(config: TrainConfig) -> DataSpec:
     return _classification(config, split_of)
 
 
-def _maml(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import MAML
-
-    return MAML(
-        backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
-        check_finite=config.inner_check_finite, checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
-    )
-
-
-def _fomaml(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    return _maml(TrainConfig(**{**config.to_dict(), "first_order": True}), spec)
-
-
-def _metasgd(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import MetaSGD
-
-    return MetaSGD(
-        backbone(config, spec), lr=config.inner_lr, first_order=config.first_order,
-        steps=config.inner_steps, loss_fn=spec.loss_fn, strategy=config.strategy,
-        check_finite=config.inner_check_finite, checkpoint_steps=config.checkpoint_steps, task_chunk=config.task_chunk,
-    )
-
-
-def _anil(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import ANIL
-
-    network = backbone(config, spec)
-    features, head = network[:-1], network[-1]
-    return ANIL(features, head, config.inner_lr, config.inner_steps, config.first_order,
-                loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite,
-                task_chunk=config.task_chunk)
-
-
-def _reptile(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import Reptile
-
-    return Reptile(backbone(config, spec), config.inner_lr, config.inner_steps,
-                   loss_fn=spec.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite)
-
-
-def _reptile_step(learner: nn.Module, episode: Episode, spec: DataSpec) -> None:
-    """Reptile trains on all of each task's examples and has no query loss to log."""
-    learner.outer_grad(torch.cat([episode.support_x, episode.query_x], 1),
-                       torch.cat([episode.support_y, episode.query_y], 1))
-
-
-def _protonet(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import ProtoNet
-
-    return ProtoNet(backbone(config, spec, n_out=None), strategy=config.strategy, n_way=config.ways,
-                    task_chunk=config.task_chunk)
-
-
-def _finetune(config: TrainConfig, spec: DataSpec) -> nn.Module:
-    from pymeta.algorithms import FineTune
-
-    base = spec.make_train_dataset()
-    return FineTune(backbone(config, spec, n_out=None), config.ways, config.inner_lr, config.inner_steps,
-                    base_classes=base.num_classes, strategy=config.strategy, check_finite=config.inner_check_finite)
-
-
 class Batch(NamedTuple):
     """A supervised batch ``x [B, ...]``, ``y [B]``, with ``.to(device)`` like :class:`Episode`."""
 
@@ -707,44 +620,9 @@ class ShuffledBatches:
         self._batches = _validate.non_negative_int("batches", state["batches"])
 
 
-def _base_class_batches(config: TrainConfig, spec: DataSpec) -> ShuffledBatches:
-    """FineTune pre-training: as many images per step as a meta-batch of episodes holds."""
-    batch = config.meta_batch * config.ways * (config.shots + config.queries)
-    return ShuffledBatches(spec.make_train_dataset(), batch, config.seed)
-
-
-def _pretrain_step(learner: nn.Module, batch: Batch, spec: DataSpec) -> float:
-    x, y = batch
-    loss = F.cross_entropy(learner(x), y)
-    loss.backward()
-    return loss.item()
-
-
-def backbone(config: TrainConfig, spec: DataSpec, n_out: int | str | None = "head") -> nn.Module:
-    """The standard network for the data: MLP 1-40-40-1 for sinusoid, conv4 for images.
-
-    ``n_out="head"``: a classifier with one output per way; ``None``: the encoder only.
-    """
-    from pymeta import models
-
-    if spec.task == "regression":
-        return models.mlp(spec.example_shape[0], (40, 40), spec.out_features)
-    n_out = spec.out_features if n_out == "head" else n_out
-    return models.conv4(in_channels=spec.example_shape[0], n_way=n_out, image_size=spec.example_shape[-1])
-
-
 DATASETS["sinusoid"] = _sinusoid
 DATASETS["glyphs"] = _glyphs
 DATASETS["folder"] = _folder
-ALGORITHMS.update(
-    maml=Algorithm(_maml),
-    fomaml=Algorithm(_fomaml),
-    metasgd=Algorithm(_metasgd),
-    anil=Algorithm(_anil),
-    reptile=Algorithm(_reptile, train_step=_reptile_step),
-    protonet=Algorithm(_protonet),
-    finetune=Algorithm(_finetune, train_step=_pretrain_step, batches=_base_class_batches),
-)
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pymeta
 from pymeta import _validate, training
-from pymeta.algorithms.outer_loss import episode_loss
+from pymeta.algorithms.base import episode_loss
 from pymeta.cuda_graph import _check_capturable, _checks_on_inputs, _OptimizerSnapshot
 
 aten = torch.ops.aten
@@ -231,7 +231,7 @@ def test_a_captured_optimizer_that_changes_is_a_clear_error() -> None:
     ("options", "message"),
     [
         ({"algo": "maml"}, "cuda_graph captures CUDA graphs and needs a CUDA device, got device 'cpu'"),
-        ({"algo": "reptile", "device": "cuda"}, "cuda_graph applies to algo maml, fomaml, metasgd, anil, protonet"),
+        ({"algo": "reptile", "device": "cuda"}, "cuda_graph only applies to algo anil, fomaml, maml, metasgd, protonet, got algo 'reptile'"),
         ({"algo": "maml", "device": "cuda", "checkpoint_steps": True}, "cuda_graph and checkpoint_steps exclude"),
     ],
 )

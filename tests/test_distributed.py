@@ -55,11 +55,10 @@ def batch(algo: str, tasks: int, seed: int) -> tuple:
 
 def meta_grads(learner: nn.Module, algo: str, global_batch: tuple) -> tuple[list[torch.Tensor], float | None]:
     """One outer step's gradients through pymeta's own training step, sharded in a group."""
-    step = training.ALGORITHMS[algo].train_step or training.episode_step
     spec = SimpleNamespace(loss_fn=F.cross_entropy if algo in ("anil", "protonet") else F.mse_loss)
     local = distributed.shard(global_batch)
     learner.zero_grad(set_to_none=True)
-    loss = step(learner, local, spec)
+    loss = training.learner_step(learner, local, spec)
     loss = distributed.all_reduce_grads(learner, len(local[0]), len(global_batch[0]), loss)
     return [p.grad.clone() for p in learner.parameters() if p.grad is not None], loss
 
@@ -134,19 +133,19 @@ def test_pymeta_train_nproc_2_matches_single_process(tmp_path, capfd):
     assert len(numbers[0]) == 4 and numbers[0] == pytest.approx(numbers[1], rel=1e-3)
 
 
-def _failing_step(learner: nn.Module, episode: Episode, spec: training.DataSpec) -> float:
-    _failing_step.calls = getattr(_failing_step, "calls", 0) + 1
-    if distributed.rank() == 1 and _failing_step.calls == 3:
-        Path(_failing_step.stamp).write_text(repr(time.time()))
-        if _failing_step.stall:
-            time.sleep(300)  # a hung rank: the others must not wait for it forever
-        raise ValueError("simulated failure on rank 1 at step 3")
-    return training.episode_step(learner, episode, spec)
-
-
 def failing_worker(out: str, stall: bool) -> None:
-    _failing_step.stamp, _failing_step.stall = str(Path(out) / "failed_at"), stall
-    training.ALGORITHMS["failing"] = training.Algorithm(training.ALGORITHMS["maml"].build, train_step=_failing_step)
+    class Failing(pymeta.MAML, cli=("failing",)):  # registered in this worker process only
+        calls = 0
+
+        def train_step(self, batch, loss_fn):
+            Failing.calls += 1
+            if distributed.rank() == 1 and Failing.calls == 3:
+                (Path(out) / "failed_at").write_text(repr(time.time()))
+                if stall:
+                    time.sleep(300)  # a hung rank: the others must not wait for it forever
+                raise ValueError("simulated failure on rank 1 at step 3")
+            return super().train_step(batch, loss_fn)
+
     config = training.TrainConfig(algo="failing", data="sinusoid", iterations=50, meta_batch=4, val_every=50,
                                   val_episodes=4, eval_episodes=4, strategy="vmap", out=str(Path(out) / "x.pt"))
     training.train(config, progress=False)

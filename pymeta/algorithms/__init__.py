@@ -1,11 +1,11 @@
-"""Meta-learning algorithms, each an ``nn.Module`` with a batched ``episode`` method."""
+"""Meta-learning algorithms: each a :class:`Learner` (an ``nn.Module`` with a batched ``episode``)."""
 
 from pymeta.algorithms.anil import ANIL
+from pymeta.algorithms.base import LEARNERS, Learner, episode_loss
 from pymeta.algorithms.finetune import FineTune
 from pymeta.algorithms.maml import MAML
 from pymeta.algorithms.metasgd import MetaSGD
-from pymeta.algorithms.outer_loss import episode_loss
 from pymeta.algorithms.protonet import ProtoNet
 from pymeta.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "FineTune", "MetaSGD", "ProtoNet", "Reptile", "episode_loss"]
+__all__ = ["ANIL", "LEARNERS", "MAML", "FineTune", "Learner", "MetaSGD", "ProtoNet", "Reptile", "episode_loss"]

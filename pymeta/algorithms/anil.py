@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from pymeta import _validate
 from pymeta.algorithms._embed import embed_episode, embedding_picker
-from pymeta.algorithms.maml import MAML, default_loss
-from pymeta.algorithms.outer_loss import ChunkedMetaLoss
+from pymeta.algorithms.base import Learner
+from pymeta.algorithms.maml import MAML
 from pymeta.core.batched import LossFn, TaskBatched
 
+if TYPE_CHECKING:
+    from pymeta.training import DataSpec, TrainConfig
 
-class ANIL(ChunkedMetaLoss, nn.Module):
+
+class ANIL(Learner, cli=("anil",)):
     """Almost No Inner Loop: the feature extractor is shared, only ``head`` adapts per task.
 
     ``episode`` runs ``features`` once per episode on the support and query examples of
@@ -38,11 +43,13 @@ class ANIL(ChunkedMetaLoss, nn.Module):
         task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks):
             train with ``meta_loss(...).backward()`` to hold one chunk's graph at a time.
 
-    BatchNorm in ``features`` normalises each task with the statistics of its support
-    and query examples together, running statistics untouched
-    (:func:`pymeta.algorithms._embed.embed_episode`); BatchNorm in ``head`` follows
-    MAML's policy.
+    BatchNorm in ``features`` follows its mode: running statistics in eval mode; in
+    train mode each task's statistics over its support and query examples together,
+    running statistics untouched (:func:`pymeta.algorithms._embed.embed_episode`).
+    BatchNorm in ``head`` follows MAML's policy.
     """
+
+    cli_options = frozenset({"task_chunk", "cuda_graph"})
 
     def __init__(
         self,
@@ -76,15 +83,29 @@ class ANIL(ChunkedMetaLoss, nn.Module):
 
     @steps.setter
     def steps(self, value: int) -> None:
-        self.head.steps = _validate.non_negative_int("steps", value)
+        self.head.inner_steps = value
+
+    inner_steps = steps
+
+    @property
+    def strategy(self) -> str | None:
+        """The head's inner-loop strategy (None while ``"auto"`` is still measuring)."""
+        return self.head.strategy
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data: DataSpec) -> ANIL:
+        network = data.backbone()
+        return cls(network[:-1], network[-1], config.inner_lr, config.inner_steps, config.first_order,
+                   loss_fn=data.loss_fn, strategy=config.strategy, check_finite=config.inner_check_finite,
+                   task_chunk=config.task_chunk)
 
     def forward(self, x: Tensor) -> Tensor:
         """The unadapted network on one batch: ``[B, ...] -> [B, ...]``."""
         return self.head(self.features(x))
 
-    def _query_loss(self, support_y: Tensor) -> LossFn:
+    def query_loss(self, support_y: Tensor) -> LossFn:
         """The head's loss: its ``loss_fn``, else cross-entropy / MSE by the labels' dtype."""
-        return self.head.loss_fn or default_loss(support_y)
+        return self.head.query_loss(support_y)
 
     def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Adapt the head to every task's support set, predict its queries.
@@ -97,7 +118,7 @@ class ANIL(ChunkedMetaLoss, nn.Module):
         Returns:
             ``[T, Q, ...]`` predictions of the adapted heads.
         """
-        loss_fn = self._query_loss(support_y)
+        loss_fn = self.query_loss(support_y)
         _validate.episode(
             support_x, support_y, query_x,
             classification=_validate.is_classification_loss(loss_fn), model=self.features,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate
 from pymeta.algorithms._embed import embed_episode, embedding_picker
+from pymeta.algorithms.base import Learner
 from pymeta.algorithms.maml import check_lr
-from pymeta.core.batched import FastWeights, TaskBatched
+from pymeta.core.batched import FastWeights, LossFn, TaskBatched
 from pymeta.core.inner_loop import inner_loop
 
+if TYPE_CHECKING:
+    from pymeta.training import DataSpec, ShuffledBatches, TrainConfig
 
-class FineTune(nn.Module):
+
+class FineTune(Learner, cli=("finetune",)):
     """Pre-train on the base classes, then fit a fresh linear head per task ("Baseline").
 
     Pre-training is ordinary supervised learning: ``forward(x)`` returns logits over the
@@ -47,11 +53,19 @@ class FineTune(nn.Module):
             picks for each separately).
         check_finite: raise on a NaN/inf fine-tuning loss or gradient (see :class:`pymeta.MAML`).
 
-    BatchNorm in ``encoder`` (inside ``episode`` only): per-task batch statistics,
-    running statistics untouched; the frozen encoder normalises support and query of a
-    task together (:func:`pymeta.algorithms._embed.embed_episode`), an adapted one follows
+    BatchNorm in ``encoder`` (inside ``episode`` only) follows its mode: running
+    statistics in eval mode; in train mode per-task batch statistics, running
+    statistics untouched; the frozen encoder normalises support and query of a task
+    together (:func:`pymeta.algorithms._embed.embed_episode`), an adapted one follows
     MAML's policy (support and query batches separately).
+
+    ``pymeta train --algo finetune`` pre-trains on the base classes
+    (:meth:`training_batches`, :meth:`train_step`) and evaluates with ``episode``.
     """
+
+    # pre-training batches of meta_batch * ways * (shots + queries) images, then 100
+    # full-batch SGD steps of a zero-initialised head per task.
+    cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {"glyphs": dict(inner_steps=100, inner_lr=0.5), "folder": dict(inner_steps=100, inner_lr=0.5)}
 
     def __init__(
         self,
@@ -97,6 +111,41 @@ class FineTune(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Pre-training logits over the base classes: ``[B, ...] -> [B, base_classes]``."""
         return self.classifier(self.encoder(x).flatten(1))
+
+    @property
+    def inner_steps(self) -> int:
+        """``steps``, the fine-tuning SGD steps per task (settable)."""
+        return self.steps
+
+    @inner_steps.setter
+    def inner_steps(self, value: int) -> None:
+        self.steps = _validate.non_negative_int("inner_steps", value)
+
+    @property
+    def strategy(self) -> str | None:
+        """The fine-tuning loop's strategy (None while ``"auto"`` is still measuring)."""
+        return self._picker.chosen
+
+    def train_step(self, batch: tuple[Tensor, Tensor], loss_fn: LossFn) -> Tensor:
+        """One pre-training step on a supervised batch ``(x [B, ...], y [B])`` of base classes."""
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        loss.backward()
+        return loss.detach()
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data: DataSpec) -> FineTune:
+        base = data.make_train_dataset()
+        return cls(data.backbone(n_out=None), config.ways, config.inner_lr, config.inner_steps,
+                   base_classes=base.num_classes, strategy=config.strategy, check_finite=config.inner_check_finite)
+
+    @classmethod
+    def training_batches(cls, config: TrainConfig, data: DataSpec) -> ShuffledBatches:
+        """Pre-training: as many base-class images per step as a meta-batch of episodes holds."""
+        from pymeta.training import ShuffledBatches
+
+        batch = config.meta_batch * config.ways * (config.shots + config.queries)
+        return ShuffledBatches(data.make_train_dataset(), batch, config.seed)
 
     def _zero_head(self, like: Tensor, num_tasks: int, prefix: str) -> FastWeights:
         """Fresh heads for all tasks: ``weight [T, N, D]`` and ``bias [T, N]`` of zeros."""

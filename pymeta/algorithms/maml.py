@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from pymeta import _validate
-from pymeta.algorithms.outer_loss import ChunkedMetaLoss
+from pymeta.algorithms.base import Learner, default_loss
 from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.core.inner_loop import InnerLR, inner_loop
 from pymeta.ops import inner_sgd
 
-
-def default_loss(support_y: Tensor) -> LossFn:
-    """Cross-entropy for integer labels, mean squared error for float targets."""
-    return F.mse_loss if support_y.is_floating_point() else F.cross_entropy
+if TYPE_CHECKING:
+    from pymeta.training import DataSpec, TrainConfig
 
 
 def check_lr(lr: object) -> float:
@@ -39,7 +37,7 @@ def check_lr(lr: object) -> float:
     return _validate.positive_float("lr", lr, allow_zero=True)
 
 
-class MAML(ChunkedMetaLoss, nn.Module):
+class MAML(Learner, cli=("maml", "fomaml")):
     """Model-Agnostic Meta-Learning with a batched inner loop.
 
     Args:
@@ -53,8 +51,10 @@ class MAML(ChunkedMetaLoss, nn.Module):
         steps: inner SGD steps taken by ``episode``.
         loss_fn: inner-loop loss ``loss_fn(pred [B, ...], target [B, ...]) -> scalar``;
             default: cross-entropy for integer labels, MSE for float targets.
-        strategy: ``"auto"`` (time vmap vs a per-task loop on the first calls and keep
-            the faster), ``"vmap"`` or ``"loop"``. All give the same meta-gradients.
+        strategy: ``"auto"`` (time the candidates on the first calls and keep the
+            fastest: ``"lowered"`` vs ``"loop"`` when the model lowers, else ``"vmap"``
+            vs ``"loop"``), or one of ``"lowered"``, ``"vmap"``, ``"loop"``
+            (:mod:`pymeta.core.batched`). All give the same meta-gradients.
         check_finite: in ``episode``, raise ``FloatingPointError`` naming the task and
             inner step whose loss or gradient is NaN/inf, instead of letting it reach
             the meta-parameters (one device sync per inner step; off by default).
@@ -64,12 +64,16 @@ class MAML(ChunkedMetaLoss, nn.Module):
             grows by one set of fast weights per step instead of one support graph;
             time grows by one support forward+backward per step. Same meta-gradients.
             Combine with :meth:`meta_loss`'s ``task_chunk`` to bound the query side too.
+            Second order only (a first-order step keeps no graph to recompute).
         task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks).
 
-    BatchNorm inside ``episode``: each task normalises with its own batch statistics
-    (support batch in the inner loop, query batch for the prediction) and running
-    statistics are not updated; see :mod:`pymeta.core.norms`.
+    BatchNorm inside ``episode`` follows the module's mode: in eval mode its running
+    statistics; in train mode each task's own batch statistics (support batch in the
+    inner loop, query batch for the prediction), running statistics not updated; see
+    :mod:`pymeta.core.norms`.
     """
+
+    cli_options = frozenset({"task_chunk", "checkpoint_steps", "cuda_graph"})
 
     def __init__(
         self,
@@ -100,6 +104,9 @@ class MAML(ChunkedMetaLoss, nn.Module):
         self.loss_fn = loss_fn
         self.check_finite = bool(check_finite)
         self.checkpoint_steps = bool(checkpoint_steps)
+        if self.checkpoint_steps and self.first_order:
+            raise ValueError("checkpoint_steps=True recomputes second-order inner steps, but first_order=True: "
+                             "a first-order step keeps no graph to save (drop checkpoint_steps)")
         self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
         self._batched = TaskBatched(model)
         self._picker = self._batched.picker(strategy)
@@ -123,7 +130,7 @@ class MAML(ChunkedMetaLoss, nn.Module):
 
     def _checked_inner_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> LossFn:
         """The inner-loop loss, after checking the episode's tensors against it and the model."""
-        loss_fn = self.loss_fn or default_loss(support_y)
+        loss_fn = self.query_loss(support_y)
         _validate.episode(
             support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
             model=self.module,
@@ -154,6 +161,28 @@ class MAML(ChunkedMetaLoss, nn.Module):
     def strategy(self) -> str | None:
         """The execution strategy in use (None while ``"auto"`` is still measuring)."""
         return self._picker.chosen
+
+    @property
+    def inner_steps(self) -> int:
+        """``steps``, the inner SGD steps of ``episode`` (settable)."""
+        return self.steps
+
+    @inner_steps.setter
+    def inner_steps(self, value: int) -> None:
+        self.steps = _validate.non_negative_int("inner_steps", value)
+
+    def query_loss(self, support_y: Tensor) -> LossFn:
+        """The inner-loop loss: ``loss_fn``, else cross-entropy / MSE by the labels' dtype."""
+        return self.loss_fn or default_loss(support_y)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data: DataSpec) -> MAML:
+        return cls(
+            data.backbone(), lr=config.inner_lr, first_order=config.first_order or config.algo == "fomaml",
+            steps=config.inner_steps, loss_fn=data.loss_fn, strategy=config.strategy,
+            check_finite=config.inner_check_finite, checkpoint_steps=config.checkpoint_steps,
+            task_chunk=config.task_chunk,
+        )
 
     def _adaptable(self) -> dict[str, Tensor]:
         return {n: w for n, w in self._weights().items() if w.requires_grad}

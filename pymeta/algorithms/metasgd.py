@@ -9,7 +9,7 @@ from pymeta.algorithms.maml import MAML
 from pymeta.core.batched import LossFn
 
 
-class MetaSGD(MAML):
+class MetaSGD(MAML, cli=("metasgd",)):
     """MAML whose inner step is ``w - lr_w * g`` with a learned ``lr_w`` shaped like ``w``.
 
     ``lrs`` is an ``nn.ParameterList`` holding one tensor per parameter of ``model``

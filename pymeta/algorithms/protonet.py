@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate, ops
 from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
-from pymeta.algorithms.outer_loss import ChunkedMetaLoss
+from pymeta.algorithms.base import Learner
 from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.ops._backends import capturing
 from pymeta.ops.proto_logits import METRICS
 
+if TYPE_CHECKING:
+    from pymeta.training import DataSpec, TrainConfig
 
-class ProtoNet(ChunkedMetaLoss, nn.Module):
+
+class ProtoNet(Learner, cli=("protonet",)):
     """Classify each query by its distance to the mean support embedding of each class.
 
     Args:
@@ -46,13 +51,16 @@ class ProtoNet(ChunkedMetaLoss, nn.Module):
     ``episode`` embeds the support and query examples of all tasks, takes the prototypes
     with :func:`pymeta.ops.prototypes` and the logits with :func:`pymeta.ops.proto_logits`;
     train with cross-entropy of the logits against the query labels. BatchNorm in
-    ``encoder`` uses per-task batch statistics (see ``batch_stats``), running statistics
-    untouched (:mod:`pymeta.core.norms`).
+    ``encoder`` follows its mode: running statistics in eval mode, per-task batch
+    statistics in train mode (see ``batch_stats``), running statistics untouched
+    (:mod:`pymeta.core.norms`).
 
     Without ``n_way`` the number of classes N is inferred per episode as
     ``support_y.max() + 1``. Labels are ``0..N-1`` and every class needs a support
     example in every task (checked; this reads the labels, one device sync on GPU).
     """
+
+    cli_options = frozenset({"task_chunk", "cuda_graph"})
 
     def __init__(
         self,
@@ -106,8 +114,20 @@ class ProtoNet(ChunkedMetaLoss, nn.Module):
         protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
         return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]
 
-    def _query_loss(self, support_y: Tensor) -> LossFn:
+    def query_loss(self, support_y: Tensor) -> LossFn:
         return F.cross_entropy
+
+    def capture_blockers(self) -> list[str]:
+        blockers = super().capture_blockers()
+        if self.n_way is None:
+            blockers.append("ProtoNet infers n_way from the labels' values on the host: "
+                            "construct it with ProtoNet(..., n_way=N)")
+        return blockers
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data: DataSpec) -> ProtoNet:
+        return cls(data.backbone(n_out=None), strategy=config.strategy, n_way=config.ways,
+                   task_chunk=config.task_chunk)
 
     @staticmethod
     def _inferred_n_way(support_y: Tensor) -> int:

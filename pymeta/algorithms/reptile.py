@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -10,8 +12,12 @@ from pymeta.algorithms.maml import MAML
 from pymeta.core.batched import LossFn
 from pymeta.core.inner_loop import inner_loop
 
+if TYPE_CHECKING:
+    from pymeta.data import Episode
+    from pymeta.training import DataSpec, TrainConfig
 
-class Reptile(MAML):
+
+class Reptile(MAML, cli=("reptile",)):
     """Reptile with a batched first-order inner loop.
 
     Training has no query loss: :meth:`outer_grad` adapts every task (``steps`` SGD
@@ -45,12 +51,15 @@ class Reptile(MAML):
             paper's ``theta - phi``; ``1 / (lr * steps)`` turns it into the average
             inner gradient, whose size does not depend on ``lr`` and ``steps``.
         loss_fn: inner-loop loss; default cross-entropy for integer labels, else MSE.
-        strategy: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`MAML`).
+        strategy: ``"auto"``, ``"lowered"``, ``"vmap"`` or ``"loop"`` (see :class:`MAML`).
         check_finite: raise on a NaN/inf inner loss or gradient (see :class:`MAML`).
 
-    BatchNorm follows MAML's episode policy (per-task batch statistics, running
-    statistics untouched; :mod:`pymeta.core.norms`).
+    BatchNorm follows MAML's episode policy (:mod:`pymeta.core.norms`).
     """
+
+    cli_options = frozenset()
+    # Several first-order steps on all of a task's examples (Nichol et al. 2018).
+    cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {"sinusoid": dict(inner_steps=5, inner_lr=0.02), "glyphs": dict(inner_steps=5, inner_lr=0.1)}
 
     def __init__(
         self,
@@ -67,6 +76,15 @@ class Reptile(MAML):
             model, lr, first_order=True, steps=steps, loss_fn=loss_fn, strategy=strategy, check_finite=check_finite
         )
         self.outer_scale = _validate.positive_float("outer_scale", outer_scale)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data: DataSpec) -> Reptile:
+        return cls(data.backbone(), config.inner_lr, config.inner_steps, loss_fn=data.loss_fn,
+                   strategy=config.strategy, check_finite=config.inner_check_finite)
+
+    def train_step(self, batch: Episode, loss_fn: LossFn) -> None:
+        """Reptile trains on all of each task's examples and has no query loss to log."""
+        self.outer_grad(torch.cat([batch.support_x, batch.query_x], 1), torch.cat([batch.support_y, batch.query_y], 1))
 
     def outer_grad(self, support_x: Tensor, support_y: Tensor) -> None:
         """Accumulate the Reptile direction into ``.grad`` of every trainable parameter.

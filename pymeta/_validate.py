@@ -48,8 +48,17 @@ def deferred_value_checks() -> Iterator[list[ValueCheck]]:
         _deferred.reset(token)
 
 
-def value_check(run: Callable[[], object], *inputs: Tensor) -> None:
-    """Run ``run()`` (a check reading only ``inputs``' values) now, or record it when deferred."""
+def value_check(run: Callable[[], object], *inputs: Tensor, ok: Callable[[], Tensor], message: str) -> None:
+    """Run ``run()`` (a check reading only ``inputs``' values) now, or record it when deferred.
+
+    Inside ``torch.compile`` neither can happen without breaking the graph, so the check
+    becomes ``torch._assert_async(ok(), message)``: ``ok()`` is the check's condition as a
+    bool tensor, ``message`` its error without the values (the traced graph still
+    raises, but cannot name the offending entry; run eagerly to see it).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok(), message)
+        return
     checks = _deferred.get()
     if checks is None:
         run()
@@ -216,7 +225,11 @@ def targets(name: str, pred: Tensor, target: Tensor, loss_fn: object) -> None:
             f"{name} holds class labels [T, S], so the model must output logits [T, S, C], got {tuple(pred.shape)}"
         )
     classes = pred.shape[-1]  # not pred itself: a recorded check must not keep it alive
-    value_check(lambda: _labels_in_range(name, target, classes), target)
+    value_check(
+        lambda: _labels_in_range(name, target, classes), target,
+        ok=lambda: ((target >= 0) & (target < classes)).all(),
+        message=f"{name} must hold class labels in [0, {classes}) for a model with {classes} outputs",
+    )
 
 
 def _labels_in_range(name: str, target: Tensor, classes: int) -> None:
@@ -242,10 +255,16 @@ def class_counts(labels: Tensor, n_way: int, name: str = "labels") -> Tensor:
     class mean over no examples is undefined, not NaN). Reads the values: syncs on CUDA
     (a :func:`value_check`). The C++ kernels raise the same messages.
     """
-    if _deferred.get() is None:  # checked now: the check's counts are the result
+    if not torch.compiler.is_compiling() and _deferred.get() is None:  # checked now: its counts are the result
         return _class_counts_checked(labels, n_way, name)
-    value_check(lambda: _class_counts_checked(labels, n_way, name), labels)
-    return _class_counts(labels.long(), n_way)
+    lab = labels.long()
+    in_range = ((lab >= 0) & (lab < n_way)).all()
+    counts = _class_counts(lab.clamp(0, n_way - 1), n_way)
+    value_check(
+        lambda: _class_counts_checked(labels, n_way, name), labels, ok=lambda: in_range & (counts > 0).all(),
+        message=f"{name} must hold labels in [0, n_way) = [0, {n_way}), every class in every task",
+    )
+    return counts
 
 
 def _class_counts(labels: Tensor, n_way: int) -> Tensor:

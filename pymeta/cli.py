@@ -47,6 +47,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each meta-step as a CUDA graph on the first batch and replay it "
                         "(maml/fomaml/metasgd/anil/protonet on --device cuda; inner NaN/inf checks off)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each training step under torch.compile (the first step compiles, ~10-60 s on a CPU)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--val-every", type=int, help="validate every N steps (default: 10 times per run)")
     p.add_argument("--val-episodes", type=int, default=defaults.val_episodes, help="validation tasks")

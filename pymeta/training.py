@@ -85,6 +85,8 @@ class TrainConfig:
     # replay it (pymeta.CUDAGraphStep); the learners' inner NaN/inf checks are then off
     # (they need the host), the outer one stays.
     cuda_graph: bool = False
+    # Run each training step under torch.compile (pymeta.training.compiled_step).
+    compile: bool = False
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from the dataset's defaults."""
@@ -120,6 +122,9 @@ class TrainConfig:
         if self.checkpoint_steps:
             raise ValueError("cuda_graph and checkpoint_steps exclude each other: recomputed steps replay the RNG "
                              "state, which a CUDA graph capture cannot read")
+        if self.compile:
+            raise ValueError("cuda_graph and compile exclude each other: choose one way to run the step "
+                             "(torch.compile(mode='reduce-overhead') also uses CUDA graphs)")
 
     @property
     def inner_check_finite(self) -> bool:
@@ -142,7 +147,7 @@ class TrainConfig:
 
 # Settings a resumed run may change: they do not alter the training trajectory.
 RUN_FIELDS = ("iterations", "val_every", "val_episodes", "eval_episodes", "eval_inner_steps", "device", "out",
-              "check_finite", "cuda_graph")
+              "check_finite", "cuda_graph", "compile")
 
 
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -221,6 +226,25 @@ def learner_step(learner: Learner, batch: Any, spec: DataSpec) -> float | None:
     """One outer step of ``learner`` (:meth:`Learner.train_step`); the loss as a float."""
     loss = learner.train_step(batch, spec.loss_fn)
     return None if loss is None else loss.item()
+
+
+class CompiledStep:
+    """:meth:`Learner.train_step` under ``torch.compile`` (``pymeta train --compile``).
+
+    Dynamo traces the learner's loss into one graph (the inner loop included: pymeta's
+    engine takes its inner gradients with ``torch.func.grad`` when traced) and breaks
+    the graph at ``loss.backward()``, which then runs the compiled backward. The first
+    step compiles (tens of seconds on a CPU); later steps of the same shapes reuse it.
+    """
+
+    def __init__(self) -> None:
+        self.compiled: Callable[[Any, Any], Tensor | None] | None = None
+
+    def __call__(self, learner: Learner, batch: Any, spec: DataSpec) -> float | None:
+        if self.compiled is None:
+            self.compiled = torch.compile(learner.train_step)
+        loss = self.compiled(batch, spec.loss_fn)
+        return None if loss is None else loss.item()
 
 
 class GraphedEpisodeStep:
@@ -351,7 +375,7 @@ def train(
     distributed.broadcast_parameters(learner)
     main = distributed.rank() == 0
     higher_is_better = spec.task == "classification"
-    train_step = GraphedEpisodeStep() if config.cuda_graph else learner_step
+    train_step = GraphedEpisodeStep() if config.cuda_graph else CompiledStep() if config.compile else learner_step
     batches = iter(source)
     losses: list[float] = []
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from pymeta.algorithms._embed import embed_episode, embedding_picker
 from pymeta.algorithms.base import Learner
 from pymeta.algorithms.maml import check_lr
 from pymeta.core.batched import FastWeights, LossFn, TaskBatched
-from pymeta.core.inner_loop import inner_loop
+from pymeta.core.inner_loop import inner_loop, trainable
 
 if TYPE_CHECKING:
     from pymeta.training import DataSpec, ShuffledBatches, TrainConfig
@@ -151,7 +151,7 @@ class FineTune(Learner, cli=("finetune",)):
         """Fresh heads for all tasks: ``weight [T, N, D]`` and ``bias [T, N]`` of zeros."""
         weight = like.new_zeros(num_tasks, self.n_way, self.feature_dim)
         bias = like.new_zeros(num_tasks, self.n_way)
-        return {f"{prefix}weight": weight.requires_grad_(), f"{prefix}bias": bias.requires_grad_()}
+        return trainable({f"{prefix}weight": weight, f"{prefix}bias": bias}, leaf=True)
 
     def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Fine-tune a head (and optionally the encoder) per task, predict its queries.

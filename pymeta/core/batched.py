@@ -19,7 +19,8 @@ Three execution strategies compute the same function:
 ``"auto"`` times the candidates on the first calls and keeps the fastest
 (:class:`StrategyPicker`): ``"lowered"`` and ``"loop"`` when the model can be lowered
 (``"lowered"`` runs the same kernels as ``"vmap"`` with less overhead), else ``"vmap"``
-and ``"loop"``.
+and ``"loop"``. Inside ``torch.compile`` nothing is timed: ``"auto"`` runs the strategy
+it has chosen by then, else its first candidate (``"lowered"`` when the model lowers).
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ class StrategyPicker:
         includes what the caller does with the result in between -- the query loss and
         its ``backward()``, where strategies differ too -- and not just the forward.
         """
+        if torch.compiler.is_compiling():
+            # Timing needs the host, which a traced graph has not: take the choice made
+            # (eagerly) so far, else the preferred candidate. Nothing is recorded, so
+            # the traced code reads no state that changes between calls (no recompiles).
+            yield self.chosen or next(iter(self._times))
+            return
         if self.chosen is None and capturing():
             raise RuntimeError(
                 'strategy="auto" is still timing its candidates, which a CUDA graph cannot capture: '

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,13 +16,17 @@ from pymeta.ops._backends import capturing
 InnerLR = float | Tensor | Sequence[Tensor]
 
 
-def trainable(weights: FastWeights) -> FastWeights:
+def trainable(weights: FastWeights, leaf: bool = False) -> FastWeights:
     """Fast weights the inner loop can differentiate even when autograd is off outside.
 
-    Under ``torch.no_grad()`` (evaluation) the expanded meta-parameters carry no graph;
-    detached copies that require grad let the inner loop still take its gradients.
+    Under ``torch.no_grad()`` (evaluation) the expanded meta-parameters carry no graph,
+    and fresh weights (``leaf=True``, e.g. FineTune's zero heads) never had one:
+    detached copies that require grad let the eager inner loop take its gradients.
+    Inside ``torch.compile`` the inner loop differentiates with ``torch.func.grad``,
+    which needs no ``requires_grad`` (and a traced graph cannot return tensors made to
+    require it), so the weights are returned as they are.
     """
-    if torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not leaf):
         return weights
     return {n: w.detach().requires_grad_() for n, w in weights.items()}
 
@@ -67,25 +71,46 @@ def inner_loop(
     values = [weights[n] for n in names]
 
     def step_fn(step: int, values: list[Tensor], lr: InnerLR, create_graph: bool) -> list[Tensor]:
-        pred = batched.forward(dict(zip(names, values, strict=True)), x, strategy)
-        if step == 0:  # shapes do not change between steps
-            _validate.targets("support_y", pred, y, loss_fn)
-        losses = batched.losses(loss_fn, pred, y, strategy)
-        grads = torch.autograd.grad(losses.sum(), values, create_graph=create_graph, allow_unused=True)
-        # A weight the loss does not use (e.g. a head row never selected) has zero grad.
-        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(values, grads, strict=True)]
+        def summed_loss(values: list[Tensor]) -> tuple[Tensor, Tensor]:
+            pred = batched.forward(dict(zip(names, values, strict=True)), x, strategy)
+            if step == 0:  # shapes do not change between steps
+                _validate.targets("support_y", pred, y, loss_fn)
+            losses = batched.losses(loss_fn, pred, y, strategy)
+            return losses.sum(), losses
+
+        grads, losses = task_gradients(summed_loss, values, create_graph)
         if check_finite:
             check_finite_step(step, losses, dict(zip(names, grads, strict=True)))
         return inner_sgd(values, grads, lr)
 
     with torch.enable_grad():
         for step in range(steps):
-            if checkpoint and create_graph:
+            if checkpoint and create_graph and not torch.compiler.is_compiling():
                 lr_tensors = _lr_tensors(lr)
                 values = list(_CheckpointedStep.apply(step_fn, step, lr, len(values), *values, *lr_tensors))
             else:
                 values = step_fn(step, values, lr, create_graph)
     return dict(zip(names, values, strict=True))
+
+
+def task_gradients(
+    summed_loss: Callable[[list[Tensor]], tuple[Tensor, Tensor]], values: list[Tensor], create_graph: bool
+) -> tuple[list[Tensor], Tensor]:
+    """Gradients of ``summed_loss(values)[0]`` w.r.t. ``values``, and its aux output.
+
+    Eager: one ``torch.autograd.grad``, with ``create_graph`` for second order. Inside
+    ``torch.compile``: ``torch.func.grad``, whose result is differentiable at the outer
+    level, so AOTAutograd traces the whole meta-step as one graph and differentiates it
+    once (it cannot trace a double backward through ``autograd.grad(create_graph=True)``).
+    Both give the same values; first order detaches the gradients either way. A weight
+    the loss does not use (e.g. a head row never selected) gets a zero gradient.
+    """
+    if torch.compiler.is_compiling():
+        grads, aux = torch.func.grad(summed_loss, has_aux=True)(values)
+        return [g if create_graph else g.detach() for g in grads], aux
+    loss, aux = summed_loss(values)
+    grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for w, g in zip(values, grads, strict=True)], aux
 
 
 def _lr_tensors(lr: InnerLR) -> list[Tensor]:
@@ -168,6 +193,12 @@ def check_finite_step(step: int, losses: Tensor, grads: FastWeights) -> None:
             "check_finite reads the inner losses and gradients on the host, which a CUDA graph "
             "cannot capture: construct the learner with check_finite=False"
         )
+    if torch.compiler.is_compiling():  # no host read inside a graph: an assertion instead
+        finite = torch.stack([torch.isfinite(losses.detach()).all(),
+                              *(torch.isfinite(g.detach()).all() for g in grads.values())]).all()
+        torch._assert_async(finite, f"inner loop: step {step} has a non-finite loss or gradient (under "
+                                    "torch.compile the task is not named: run eagerly to see it)")
+        return
     bad_loss = ~torch.isfinite(losses.detach())  # [T]
     # [P, T]: whether weight p of task t has a non-finite gradient entry.
     bad_grad = torch.stack([~torch.isfinite(g.detach()).reshape(g.shape[0], -1).all(1) for g in grads.values()])

@@ -49,7 +49,8 @@ def max_pool2d(
     """``F.max_pool2d`` with the same signature; ``input: [N, C, H, W]`` -> ``[N, C, H', W']``."""
     stride = kernel_size if stride is None or stride == [] else stride
     fast = (
-        input.device.type == "cpu" and input.dim() == 4 and input.is_floating_point()
+        not torch.compiler.is_compiling()  # a compiler generates its own pooling loop
+        and input.device.type == "cpu" and input.dim() == 4 and input.is_floating_point()
         and input.is_contiguous() and not return_indices and not ceil_mode
         and _pair(padding) == (0, 0) and _pair(dilation) == (1, 1)
     )  # fmt: skip

@@ -1,0 +1,156 @@
+"""``torch.compile`` of a meta-step: one graph, eager-equal meta-gradients, no recompiles.
+
+The traced inner loop takes its gradients with ``torch.func.grad`` (AOTAutograd cannot
+trace the double backward of ``autograd.grad(create_graph=True)``), so the whole
+meta-step is one graph that AOTAutograd differentiates once. Most tests compile with
+the ``aot_eager`` backend: it runs Dynamo and AOTAutograd -- where graph breaks and the
+double-backward limitation live -- without the C++ code generation of inductor, which
+one test exercises on the sinusoid workload.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import classification_episode, conv_bn, mlp, regression_episode
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import pymeta
+from pymeta import models
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def query_loss(learner):
+    def step(sx, sy, qx, qy):
+        return F.cross_entropy(learner.episode(sx, sy, qx).flatten(0, 1), qy.flatten())
+
+    return step
+
+
+def learners():
+    """``name -> (learner, fullgraph)`` on the BatchNorm conv net, float64."""
+    full = conv_bn().double()
+    return {
+        "maml-lowered": (pymeta.MAML(conv_bn().double(), lr=0.3, steps=2, strategy="lowered"), True),
+        "maml-eval-lowered": (pymeta.MAML(conv_bn().double().eval(), lr=0.3, steps=2, strategy="lowered"), True),
+        "maml-vmap": (pymeta.MAML(conv_bn().double(), lr=0.3, strategy="vmap"), True),
+        "maml-loop": (pymeta.MAML(conv_bn().double(), lr=0.3, strategy="loop"), True),
+        "fomaml": (pymeta.MAML(conv_bn().double(), lr=0.3, first_order=True, strategy="lowered"), True),
+        "metasgd": (pymeta.MetaSGD(conv_bn().double(), lr=0.3, strategy="lowered"), True),
+        "anil": (pymeta.ANIL(full[:-1], full[-1], lr=0.3, steps=2, strategy="lowered"), True),
+        "protonet": (pymeta.ProtoNet(conv_bn().double()[:-1], strategy="lowered", n_way=4), True),
+        # Without n_way the number of classes is read from the labels: a graph break.
+        "protonet-infer-n_way": (pymeta.ProtoNet(conv_bn().double()[:-1], strategy="lowered"), False),
+        "finetune": (pymeta.FineTune(conv_bn().double()[:-1], n_way=4, lr=0.5, steps=3, base_classes=6,
+                                     feature_dim=16, strategy="lowered", finetune_encoder=True), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(learners()))
+def test_compiled_meta_gradients_equal_eager(name):
+    learner, fullgraph = learners()[name]
+    params = [p for p in learner.parameters() if p.requires_grad]
+    step = query_loss(learner)
+    episode = classification_episode()
+    eager = step(*episode)
+    expected = torch.autograd.grad(eager, params, allow_unused=True)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=fullgraph)
+    loss = compiled(*episode)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g, e in zip(params, grads, expected, strict=True):
+        if e is None:
+            assert g is None
+            continue
+        err = ((g - e).norm() / e.norm().clamp_min(1e-300)).item()
+        print(f"{name} {tuple(p.shape)}: relative error {err:.2e}")
+        assert err < 1e-10
+    torch.testing.assert_close(loss, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_reptile_outer_grad_compiles():
+    model = conv_bn().double()
+    reptile = pymeta.Reptile(model, lr=0.1, steps=2, strategy="lowered")
+    sx, sy, _, _ = classification_episode()
+    reptile.outer_grad(sx, sy)
+    expected = [p.grad.clone() for p in model.parameters()]
+    reptile.zero_grad()
+    torch.compile(reptile.outer_grad, backend="aot_eager", fullgraph=True)(sx, sy)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_no_recompile_across_meta_batches_of_the_same_shapes():
+    maml = pymeta.MAML(mlp().double(), lr=0.05, steps=2, strategy="auto")
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda sx, sy, qx, qy: F.mse_loss(maml.episode(sx, sy, qx), qy), backend=counter)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        step(*regression_episode()).backward()
+    assert counter.frame_count == 1
+    assert maml.strategy is None  # "auto" timed nothing inside the graph: it runs its first candidate
+
+
+def test_label_checks_hold_inside_the_graph():
+    maml = pymeta.MAML(conv_bn().double(), lr=0.3, strategy="lowered")
+    step = torch.compile(query_loss(maml), backend="aot_eager", fullgraph=True)
+    sx, sy, qx, qy = classification_episode()
+    step(sx, sy, qx, qy)
+    bad = sy.clone()
+    bad[1, 2] = 7
+    with pytest.raises(RuntimeError, match=r"support_y must hold class labels in \[0, 4\) for a model with 4 outputs"):
+        step(sx, bad, qx, qy)
+
+
+def test_check_finite_holds_inside_the_graph():
+    maml = pymeta.MAML(mlp().double(), lr=0.05, strategy="lowered", check_finite=True)
+    step = torch.compile(lambda sx, sy, qx, qy: F.mse_loss(maml.episode(sx, sy, qx), qy), backend="aot_eager",
+                         fullgraph=True)
+    sx, sy, qx, qy = regression_episode()
+    step(sx, sy, qx, qy)
+    sy[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="inner loop: step 0 has a non-finite loss or gradient"):
+        step(sx, sy, qx, qy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inductor_meta_step_equals_eager(dtype):
+    """The real backend (C++ code generation) on the sinusoid MLP, second order."""
+    model = models.mlp(1, (40, 40), 1).to(dtype)
+    maml = pymeta.MAML(model, lr=0.01, steps=2, loss_fn=F.mse_loss, strategy="lowered")
+    sx, sy, qx, qy = (t.to(dtype) for t in regression_episode(tasks=5, shots=10, queries=10))
+
+    def step(sx, sy, qx, qy):
+        return F.mse_loss(maml.episode(sx, sy, qx), qy)
+
+    expected = torch.autograd.grad(step(sx, sy, qx, qy), list(model.parameters()))
+    grads = torch.autograd.grad(torch.compile(step, fullgraph=True)(sx, sy, qx, qy), list(model.parameters()))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for g, e in zip(grads, expected, strict=True):
+        err = ((g - e).norm() / e.norm()).item()
+        print(f"{dtype} {tuple(e.shape)}: relative error {err:.2e}")
+        assert err < tol
+
+
+def test_pymeta_train_compile_trains_like_eager(tmp_path, monkeypatch):
+    """``pymeta train --compile`` (backend aot_eager here; inductor is exercised above)."""
+    from functools import partial
+
+    from pymeta import training
+
+    def run(name, compile):
+        config = training.TrainConfig(algo="maml", data="sinusoid", iterations=6, meta_batch=3, val_every=6,
+                                      val_episodes=3, eval_episodes=3, strategy="lowered", compile=compile,
+                                      out=str(tmp_path / f"{name}.pt"))
+        return training.train(config, progress=False, log=lambda line: None)
+
+    eager = run("eager", False)
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
+    compiled = run("compiled", True)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    with pytest.raises(ValueError, match="cuda_graph and compile exclude each other"):
+        training.TrainConfig(algo="maml", device="cuda", cuda_graph=True, compile=True)._check_cuda_graph()

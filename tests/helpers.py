@@ -22,7 +22,8 @@ def mlp_norms() -> nn.Module:
 
 
 def conv_bn(n_way: int = 4) -> nn.Module:
-    """A small conv net with BatchNorm: the case vmap gets wrong (DESIGN.md, Known traps)."""
+    """A small conv net with BatchNorm: the case where vmap over torch.func.grad gives wrong
+    second-order gradients (pytorch/functorch issue 534; see pymeta/core/norms.py)."""
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),

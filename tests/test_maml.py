@@ -1,6 +1,5 @@
 """Batched MAML: meta-gradients equal a float64 per-task reference, strategies agree."""
 
-import time
 
 import pytest
 import torch
@@ -104,23 +103,35 @@ def test_trains_with_any_optimizer_and_state_dict_round_trips():
     torch.testing.assert_close(other.episode(sx, sy, qx), maml.episode(sx, sy, qx))
 
 
+class FakeClock:
+    """A clock the test advances by each call's cost: the picker's logic without sleeping
+    (real sleeps overrun by milliseconds on a loaded machine)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candidate():
-    picker = StrategyPicker("auto", trials=3, candidates=("lowered", "loop"), min_time=0)
+    clock = FakeClock()
+    picker = StrategyPicker("auto", trials=3, candidates=("lowered", "loop"), min_time=0, clock=clock)
     cost = {"lowered": 0.03, "loop": 0.001}
     order = []
     while picker.chosen is None:
         with picker.timed() as strategy:
             order.append(strategy)
-            time.sleep(cost[strategy])
+            clock.now += cost[strategy]
     # warm-up (untimed), one timed call each (each timed until the next call starts),
     # then the 30x slower one is dropped and the fourth call already runs the choice
     assert order == ["lowered", "lowered", "loop", "loop"] and picker.chosen == "loop"
-    close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"), min_time=0)
+    close = StrategyPicker("auto", trials=2, candidates=("vmap", "loop"), min_time=0, clock=clock)
     order = []
     while close.chosen is None:
         with close.timed() as strategy:
             order.append(strategy)
-            time.sleep({"vmap": 0.004, "loop": 0.005}[strategy])
+            clock.now += {"vmap": 0.004, "loop": 0.005}[strategy]
     assert order == ["vmap", "vmap", "loop", "vmap", "loop", "vmap"] and close.chosen == "vmap"
     fixed = StrategyPicker("loop")
     with fixed.timed() as strategy:
@@ -128,16 +139,19 @@ def test_strategy_picker_warms_up_interleaves_and_drops_a_clearly_slower_candida
 
 
 def test_strategy_picker_prefers_the_earlier_candidate_within_the_tie_margin():
-    picker = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), tie=0.5, min_time=0)
+    clock = FakeClock()
+    picker = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), tie=0.5, min_time=0, clock=clock)
     while picker.chosen is None:
         with picker.timed() as strategy:
-            time.sleep({"lowered": 0.006, "loop": 0.005}[strategy])  # 20% slower: within 50%
+            clock.now += {"lowered": 0.006, "loop": 0.005}[strategy]  # 20% slower: within 50%
     assert picker.chosen == "lowered"
     # Short calls are measured until each candidate has min_time seconds (or max_trials).
-    budget = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), min_time=0.02, max_trials=50)
+    budget = StrategyPicker("auto", trials=2, candidates=("lowered", "loop"), min_time=0.02, max_trials=50,
+                            clock=clock)
     count = 0
     while budget.chosen is None:
         with budget.timed() as strategy:
             count += 1
-            time.sleep(0.004 if strategy == "lowered" else 0.0045)
-    assert count > 2 * 5  # 0.02 s at ~4 ms per call: at least 5 calls each, plus warm-up
+            clock.now += 0.004 if strategy == "lowered" else 0.0045
+    # 0.02 s at 4 / 4.5 ms per call: 5 calls each, the warm-up, and the call that closes the last
+    assert count == 2 * 5 + 2

@@ -77,6 +77,7 @@ class StrategyPicker:
         tie: float = 0.03,
         min_time: float = 0.5,
         max_trials: int = 15,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.strategy = check_strategy(strategy)
         self.trials = trials
@@ -84,6 +85,7 @@ class StrategyPicker:
         self.tie = tie
         self.min_time = min_time
         self.max_trials = max_trials
+        self.clock = clock  # seconds; injectable so the choice logic can be tested without sleeping
         self._times: dict[str, list[float]] = {name: [] for name in candidates}
         self._warmed_up = False
         self._pending: tuple[str, float] | None = None  # (strategy, start) of the call being timed
@@ -115,10 +117,10 @@ class StrategyPicker:
             )
         if self.chosen is None:
             _synchronize()
-            self._close_pending(time.perf_counter())
+            self._close_pending(self.clock())
         strategy = self.next()
         if self.chosen is None and self._warmed_up:
-            self._pending = (strategy, time.perf_counter())
+            self._pending = (strategy, self.clock())
         self._warmed_up = True
         yield strategy
 

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 from measure import print_table, write_csv
-from peers import WORKLOADS
+from runner import build_step
+from workloads import WORKLOADS
 
 import pymeta.ops.max_pool2d as max_pool2d_module
 from pymeta.ops._backends import unavailable_reason
@@ -76,7 +77,7 @@ def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
 
 def meta_step_ab(steps: int) -> dict[str, object]:
     """Conv4 2nd-order meta-step with and without the C++ forward, alternating."""
-    meta = WORKLOADS["conv4-maml-2nd"].build("pymeta", strategy="lowered")
+    meta = build_step(WORKLOADS["conv4-maml-2nd"], "pymeta[lowered]")
     default_width = max_pool2d_module.CPP_MIN_WIDTH
     for _ in range(2):
         meta.step()

@@ -86,4 +86,4 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"learn2learn {learn2learn.__version__}, easyfsl {easyfsl.__version__}, higher ok, "
       f"pymeta from {pymeta.__file__}")
 EOF
-echo "peers venv ready: $VENV  (run: $VENV/bin/python benchmarks/peers.py)"
+echo "peers venv ready: $VENV  (run: $VENV/bin/python benchmarks/bench_meta.py)"

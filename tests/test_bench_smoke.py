@@ -28,8 +28,9 @@ DRIVER = ROOT / "benchmarks" / "bench_meta.py"
 @pytest.mark.skipif(not DRIVER.is_file(), reason="needs the benchmarks/ folder of a checkout")
 def test_bench_meta_quick_reports_skipped_peers(tmp_path: Path) -> None:
     env = {**os.environ, "PYMETA_NO_BUILD": "1"}  # the driver, not the C++ build, is under test
-    cmd = [sys.executable, "-m", "pymeta", "bench", "meta", "--quick",
-           "--workloads", "sinusoid-maml-1step", "--tasks", "4", "--out-dir", str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, "-m", "pymeta", "bench", "meta", "--quick", "--workloads", "sinusoid-maml-1step",
+           "--libraries", "pymeta", "learn2learn", "higher", "torch.func", "--tasks", "4",
+           "--out-dir", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,6 +58,8 @@ def test_bench_meta_quick_reports_skipped_peers(tmp_path: Path) -> None:
         assert int(csv_rows[lib]["aten_ops"]) > 0
         assert csv_rows[lib]["tasks"] == "4"
     assert csv_rows["pymeta"]["strategy"] in ("lowered", "vmap", "loop")
+    # Checked against learn2learn's meta-gradient, or without it against torch.func's.
+    assert csv_rows["pymeta"]["grad_check"].endswith(" ok")
     assert "pymeta strategy chosen ('auto'): sinusoid-maml-1step:" in out
     assert "targets (measured vs goal):" in out and "(a) sinusoid-maml-1step:" in out
     assert (tmp_path / "meta.png").stat().st_size > 0

@@ -4,7 +4,7 @@ A CUDA graph cannot capture a host sync. Without a GPU the capture itself cannot
 so the CPU tests check the property it needs on the real code path: a whole meta-step
 (meta-loss, backward, optimizer step) of every learner dispatches no ATen op that
 reads a value back to the host once the value checks are deferred, and the deferred
-checks still catch bad labels in a later batch. The tests marked ``cuda`` capture and
+checks still catch bad labels in a later batch. The tests marked ``gpu`` capture and
 replay for real, against the eager step, wherever a GPU is present.
 """
 
@@ -248,7 +248,7 @@ def test_captured_training_turns_only_the_inner_checks_off() -> None:
 
 
 # ------------------------------------------------------------------ real capture (GPU)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+cuda = pytest.mark.gpu  # skipped without a CUDA device (tests/conftest.py)
 
 
 def _on_cuda(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]]]:

@@ -10,7 +10,9 @@ input channel first; BatchNorm weight and bias] + a 5-way linear head: 18 tensor
 parameters per task) at T = 4, 32, 128. lr forms: a float (MAML) and per-element rates
 (Meta-SGD). Medians of interleaved ``blocked_autorange`` runs on CPU (the machines are
 noisy: read the ratios), ``triton.testing.do_bench`` on CUDA; also effective GB/s and
-ATen ops dispatched per forward. Writes ``benchmarks/results/inner_sgd_<device>_<n>threads.csv``.
+ATen ops dispatched per forward; on CUDA the GB/s as a share of the device's memory
+bandwidth (``measure.memory_bandwidth``). Writes ``<out-dir>/inner_sgd_<device>_<n>threads.csv``
+(``--out-dir``, default ``benchmarks/results``).
 
 Allocation: by default glibc returns large freed blocks to the OS, so whether a variant's
 outputs page-fault (about 1.4 us per 4 KiB page on these VMs: more than the arithmetic)
@@ -21,6 +23,7 @@ therefore raises glibc's mmap and trim thresholds (``mallopt``) so freed blocks 
 whole region, and wall time counts the time other processes ran).
 
     python benchmarks/bench_inner_sgd.py [--device cpu] [--threads N] [--cpu-time] [--os-malloc] [--repeats 5]
+        [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import ctypes.util
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from measure import count_aten_ops, print_table, write_csv
+from measure import RESULTS, bandwidth_columns, count_aten_ops, print_table, write_csv
 from torch import Tensor
 from torch.utils.benchmark import Timer
 
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--os-malloc", action="store_true", help="keep glibc's defaults (outputs may page-fault)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process CPU clock: immune to preemption, meaningful with --threads 1")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
     args = ap.parse_args()
     malloc = "glibc defaults" if args.os_malloc or not reuse_freed_memory() else "freed blocks reused"
     device = torch.device(args.device)
@@ -169,14 +174,16 @@ def main() -> None:
                 "fwd_bwd_ms": 1e3 * bwd, "fwd_bwd_speedup": loop_bwd / bwd, "aten_ops_fwd": ops,
             })
     tags = "_os_malloc" * args.os_malloc + "_cpu_time" * args.cpu_time
-    write_csv(f"inner_sgd_{device.type}_{torch.get_num_threads()}threads{tags}.csv", rows)
+    bandwidth = bandwidth_columns(rows, device)
+    write_csv(args.out_dir / f"inner_sgd_{device.type}_{torch.get_num_threads()}threads{tags}.csv", rows)
     clock = "CPU time" if args.cpu_time else "wall time"
     print(f"\ninner_sgd on {device} ({torch.get_num_threads()} threads, malloc: {malloc}, {clock}), medians of "
           f"{args.repeats} interleaved rounds; x loop = per-tensor loop time / variant time")
     print_table(rows, [
         ("set", "set", "12s"), ("lr", "lr", "11s"), ("variant", "variant", "10s"), ("elements", "elements", "9d"),
         ("fwd_ms", "fwd ms", "8.3f"), ("fwd_speedup", "x loop", "6.2f"), ("fwd_GBps", "GB/s", "6.2f"),
-        ("fwd_bwd_ms", "fwd+bwd ms", "10.3f"), ("fwd_bwd_speedup", "x loop", "6.2f"), ("aten_ops_fwd", "ATen ops", "8d"),
+        *bandwidth, ("fwd_bwd_ms", "fwd+bwd ms", "10.3f"), ("fwd_bwd_speedup", "x loop", "6.2f"),
+        ("aten_ops_fwd", "ATen ops", "8d"),
     ])
 
 if __name__ == "__main__":

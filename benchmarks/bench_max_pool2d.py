@@ -11,7 +11,10 @@ Part 2, an A/B of the whole conv4 second-order MAML meta-step (workload (b) of
 disabled (``CPP_MIN_WIDTH`` raised out of reach), alternating in one process: the
 median of the per-round time ratios.
 
-    python benchmarks/bench_max_pool2d.py [--threads 1] [--repeats 7] [--calls 20] [--steps 6]
+    python benchmarks/bench_max_pool2d.py [--threads 1] [--repeats 7] [--calls 20] [--steps 6] [--out-dir DIR]
+
+The kernel is pymeta's CPU path: with ``--device cuda`` (as ``pymeta bench ops --device
+cuda`` passes it) the script says so and measures nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from measure import print_table, write_csv
+from measure import RESULTS, print_table, write_csv
 from runner import build_step
 from workloads import WORKLOADS
 
@@ -102,13 +106,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (part 1)")
     p.add_argument("--calls", type=int, default=20, help="calls per round and variant (part 1)")
     p.add_argument("--steps", type=int, default=6, help="meta-steps per variant (part 2; 0 skips it)")
+    p.add_argument("--device", default="cpu", help="cpu; on any other device there is nothing to measure")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
     args = p.parse_args()
+    if torch.device(args.device).type != "cpu":
+        print(f"bench_max_pool2d: pymeta's max-pool kernel is for CPU tensors; nothing to measure on {args.device}")
+        return
     reason = unavailable_reason("cpp", torch.device("cpu"))
     if reason is not None:
         raise SystemExit(f"error: the C++ extension is not available: {reason}")
     torch.set_num_threads(args.threads)
     rows = kernel_rows(args.repeats, args.calls)
-    write_csv(f"max_pool2d_{args.threads}threads.csv", rows)
+    write_csv(args.out_dir / f"max_pool2d_{args.threads}threads.csv", rows)
     print(f"\nmax_pool2d_with_indices forward, 2x2/2, {args.threads} thread(s), median of {args.repeats} rounds; "
           f"'used' = what pymeta.ops.max_pool2d runs for that shape")  # fmt: skip
     print_table(rows, [("shape", "shape", "18s"), ("aten_nchw_ms", "ATen NCHW ms", "12.3f"),

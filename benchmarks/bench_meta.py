@@ -238,11 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     entries: list[Entry] = []
     check_lines: list[str] = []
     logit_diffs: dict[str, float] = {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in resolve_workloads(args.workloads):
         group, lines, diffs = run_workload(name, args, threads)
         entries += group
         check_lines += lines
         logit_diffs.update(diffs)
+        # After every workload, so a run stopped by a time limit keeps what it measured.
+        write_csv(args.out_dir / "meta.csv", rows_for_csv(entries, peak_before, threads, args.device))
 
     peak_after = matmul_peak_flops(n, device=args.device, **peak_args)
     peak = max(peak_before, peak_after)
@@ -250,7 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     title = (f"pymeta vs peers, meta-step tasks/s ({where}, {threads} thread(s), torch {torch.__version__}; "
              f"load {load_before[0]:.1f} -> {load_after[0]:.1f})")  # fmt: skip
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "meta.csv", rows_for_csv(entries, peak, threads, args.device))
     plot(entries, args.out_dir / "meta.png", title)
 

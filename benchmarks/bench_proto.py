@@ -13,12 +13,14 @@ each of ``--repeats`` interleaved rounds (the machines are noisy: read the ratio
 ``triton.testing.do_bench`` medians and effective GB/s of the forward's minimal traffic.
 Also ATen ops dispatched per forward, all and non-view (a floor on kernel launches); the
 reference is counted through its PyTorch ops, a fused op counts as one.
-Writes ``benchmarks/results/proto_<device>_<n>threads[_cpu_time].csv`` and prints a table
-last. On a loaded machine other processes preempt OpenMP threads in some rounds; the
+On CUDA also the GB/s as a share of the device's memory bandwidth
+(``measure.memory_bandwidth``). Writes ``<out-dir>/proto_<device>_<n>threads[_cpu_time].csv``
+(``--out-dir``, default ``benchmarks/results``) and prints a table last. On a loaded machine other processes preempt OpenMP threads in some rounds; the
 1-thread run timed with the thread's CPU clock (``--threads 1 --cpu-time``) is immune to
 that preemption and the steadier measure of the ops themselves.
 
     python benchmarks/bench_proto.py [--device cpu] [--threads N] [--cpu-time] [--repeats 3] [--min-run-time 0.3]
+        [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import statistics
 import time
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import count_aten_ops, print_table, write_csv
+from measure import RESULTS, bandwidth_columns, count_aten_ops, print_table, write_csv
 from torch import Tensor
 from torch.utils.benchmark import Timer
 
@@ -85,6 +88,7 @@ def main() -> None:
                     help="time with the calling thread's CPU clock (CPU only; needs --threads 1)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds per blocked_autorange")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads is not None:
@@ -159,14 +163,15 @@ def main() -> None:
                 "aten_ops_fwd": ops.total, "aten_non_view_ops_fwd": ops.non_view,
             })
     clock = "_cpu_time" if args.cpu_time else ""
-    write_csv(f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
+    bandwidth = bandwidth_columns(rows, device)
+    write_csv(args.out_dir / f"proto_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
     print(f"\nProtoNet head ops on {device} ({torch.get_num_threads()} threads{', thread CPU time' if args.cpu_time else ''}), "
           f"float32, medians of {args.repeats} interleaved rounds; x ref / x torch = that variant's time / this variant's time")
     print_table(rows, [
         ("op", "op", "12s"), ("shape", "shape", "22s"), ("metric", "metric", "11s"), ("variant", "variant", "9s"),
         ("fwd_us", "fwd us", "9.1f"), ("fwd_x_ref", "x ref", "6.2f"), ("fwd_x_torch", "x torch", "7.2f"),
         ("fwd_bwd_us", "fwd+bwd us", "10.1f"), ("fwd_bwd_x_ref", "x ref", "6.2f"),
-        ("fwd_bwd_x_torch", "x torch", "7.2f"), ("fwd_GBps", "GB/s", "6.2f"), ("aten_ops_fwd", "ops", "4d"),
+        ("fwd_bwd_x_torch", "x torch", "7.2f"), ("fwd_GBps", "GB/s", "6.2f"), *bandwidth, ("aten_ops_fwd", "ops", "4d"),
     ])
 
 if __name__ == "__main__":

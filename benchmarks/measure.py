@@ -11,6 +11,8 @@ One implementation of each, used by every script in ``benchmarks/``:
 * :func:`count_kernel_launches` -- CUDA kernels launched by one call (``None`` on CPU).
 * :func:`matmul_peak_flops` -- this machine's (or GPU's) achieved fp32 ``torch.mm`` rate,
   the yardstick for "fraction of peak".
+* :func:`memory_bandwidth` -- a CUDA device's memory bandwidth, the yardstick for GB/s
+  (:func:`bandwidth_columns` adds the achieved share to a table's rows).
 * :func:`synchronize` -- wait for a CUDA device's queued work (a no-op on CPU).
 * :func:`write_csv` -- rows of dicts to ``benchmarks/results/<name>``.
 """
@@ -34,11 +36,13 @@ __all__ = [
     "RESULTS",
     "OpCount",
     "StepMeasures",
+    "bandwidth_columns",
     "count_aten_ops",
     "count_kernel_launches",
     "flops",
     "matmul_peak_flops",
     "measure_all",
+    "memory_bandwidth",
     "peak_memory",
     "synchronize",
     "write_csv",
@@ -386,6 +390,52 @@ def matmul_peak_flops(
     timer.timeit(1)  # warm-up (packing buffers, thread pool)
     best = min(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(rounds))
     return 2.0 * n**3 / best
+
+
+def memory_bandwidth(device: torch.device | str, nbytes: int = 256 << 20) -> tuple[float, str]:
+    """A CUDA device's memory bandwidth in bytes/s, the yardstick for achieved GB/s, and a
+    line saying where it comes from.
+
+    The DRAM spec from the device properties: memory clock x bus width x 2 transfers per
+    clock (double data rate; e.g. A100 40 GB: 1215 MHz x 5120 bit x 2 = 1555 GB/s), or,
+    where the properties report no memory clock, what a device-to-device copy of
+    ``nbytes`` reaches (read + write, median of 10 copies timed with CUDA events). The
+    copy rate is measured either way and given in the line, as the practical ceiling.
+    """
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    copy = 2 * nbytes / sorted(seconds)[len(seconds) // 2]
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    measured = f"a {nbytes >> 20} MiB device-to-device copy reaches {copy / 1e9:.0f} GB/s"
+    if not (clock_khz and bus_bits):
+        return copy, f"{measured} (the device properties give no memory clock)"
+    spec = 2 * clock_khz * 1e3 * bus_bits / 8
+    return spec, f"spec {clock_khz / 1e3:.0f} MHz x {bus_bits} bit x 2; {measured}"
+
+
+def bandwidth_columns(rows: Sequence[dict[str, Any]], device: torch.device) -> list[tuple[str, str, str]]:
+    """On a CUDA ``device``: add to each row (which has ``fwd_GBps``) the device's memory
+    bandwidth (:func:`memory_bandwidth`, printed with its source) and the achieved share of
+    it, and return that share's :func:`print_table` column; on CPU, nothing."""
+    if device.type != "cuda":
+        return []
+    bandwidth, source = memory_bandwidth(device)
+    print(f"{torch.cuda.get_device_name(device)} memory bandwidth: {bandwidth / 1e9:.0f} GB/s ({source})")
+    for row in rows:
+        row["bandwidth_GBps"] = bandwidth / 1e9
+        row["fwd_pct_of_bandwidth"] = 100 * row["fwd_GBps"] * 1e9 / bandwidth
+    return [("fwd_pct_of_bandwidth", "%bw", "5.1f")]
 
 
 # --------------------------------------------------------------------------------------

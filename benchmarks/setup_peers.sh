@@ -69,14 +69,15 @@ fi
 
 echo "== pymeta (editable, --no-deps) from $REPO"
 "${PIP[@]}" install -c "$CONSTRAINTS" "${PYMETA_DEPS[@]}"
-if "$PY" -c "import sys, pymeta; sys.exit(not pymeta.__file__.startswith('$REPO/'))" 2>/dev/null; then
+# Checked from / : in the repository, the current folder's pymeta/ would import without an install.
+if (cd / && "$PY" -c "import sys, pymeta; sys.exit(not pymeta.__file__.startswith('$REPO/'))") 2>/dev/null; then
     echo "pymeta already installed from $REPO"
 else
     "${PIP[@]}" install --no-deps -e "$REPO"
 fi
 
 echo "== check"
-"$PY" - <<'EOF'
+(cd / && "$PY" -) <<'EOF'
 import contextlib, io
 with contextlib.redirect_stderr(io.StringIO()):  # gym's notice
     import learn2learn

@@ -5,6 +5,7 @@
     pymeta train ... --resume runs/pymeta-last.pt  # continue an interrupted run exactly
     pymeta eval --checkpoint runs/pymeta.pt      # reload and evaluate on held-out tasks
     pymeta bench ops|meta                        # microbenchmarks / end-to-end comparisons
+    pymeta bench gpu OUT_DIR                     # the GPU readiness check (benchmarks/gpu_check.sh)
     pymeta info                                  # versions and which op backends run here
     pymeta build-ext                             # compile the C++/CUDA extension ahead of time
 """
@@ -15,6 +16,7 @@ import argparse
 import os
 import platform
 import runpy
+import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -139,7 +141,8 @@ def cmd_build_ext(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-BENCHMARKS = {"ops": ["bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py"], "meta": ["bench_meta.py"]}
+BENCHMARKS = {"ops": ["bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py"], "meta": ["bench_meta.py"],
+              "gpu": ["gpu_check.sh"]}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -150,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for script in BENCHMARKS[args.suite]:
         path = folder / script
         print(f"== {path.name}", flush=True)
+        if path.suffix == ".sh":  # gpu_check.sh runs its steps with this Python
+            return subprocess.run(["bash", str(path), *args.rest], env={**os.environ, "PYTHON": sys.executable}).returncode
         sys.argv = [str(path), *args.rest]
         runpy.run_path(str(path), run_name="__main__")
     return 0

@@ -5,8 +5,10 @@ Runs ``benchmarks/bench_meta.py`` through the ``pymeta`` command with this Pytho
 their own venv (benchmarks/README.md), so here they must be reported as skipped -- never
 with a number -- while pymeta and the torch.func peer run. About 8 s of CPU time (most of
 it importing torch twice and pymeta's strategy warm-up); wall time grows with machine load.
-Also: ``--device cuda`` without a GPU fails with a clear error, and
-``measure.count_kernel_launches`` returns None on CPU (no kernels to count).
+Also: ``--device cuda`` without a GPU fails with a clear error,
+``measure.count_kernel_launches`` returns None on CPU (no kernels to count), and the GPU
+check's dry run (``pymeta bench gpu --dry-run``) finds everything it would run importable
+and lists its steps within the 8-minute budget.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "benchmarks" / "bench_meta.py"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.mark.skipif(not DRIVER.is_file(), reason="needs the benchmarks/ folder of a checkout")
@@ -92,3 +96,22 @@ def test_count_kernel_launches_is_none_on_cpu() -> None:
     if not torch.cuda.is_available():
         assert measure.count_kernel_launches(step) is None
         assert measure.count_kernel_launches(step, "cuda") is None
+
+
+@pytest.mark.skipif(not GPU_CHECK.is_file(), reason="needs the benchmarks/ folder of a checkout")
+def test_gpu_check_dry_run_imports_everything_and_lists_the_steps(tmp_path: Path) -> None:
+    # ~15 s of CPU (torch imported twice, pytest collecting the gpu tests).
+    cmd = [sys.executable, "-m", "pymeta", "bench", "gpu", "--dry-run", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    print(result.stdout[-3000:], result.stderr[-3000:])
+    assert result.returncode == 0
+    out = result.stdout
+    budgets = dict(re.findall(r"^  (\S+) +(\d+) s  ", out, re.MULTILINE))
+    assert list(budgets) == ["env", "build", "tests", "bench-ops", "meta-a", "meta-b", "meta-c", "meta-d"]
+    total = int(re.search(r"at most (\d+) s", out).group(1))
+    assert total <= 480 and total >= sum(map(int, budgets.values()))
+    for script in ("bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py", "bench_meta.py"):
+        assert f"{script}: imports" in out
+    collected = re.search(r"pytest -m gpu collects: (\d+)/\d+ tests collected", out)
+    assert collected and int(collected.group(1)) > 0
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

@@ -100,7 +100,7 @@ def check_protonet_logits(tasks: int, device: str = "cpu") -> tuple[list[str], d
             for lib in ("pymeta", "easyfsl"):
                 for dtype in (f32, f64):
                     problem = workload.problem(tasks=tasks, device=device, dtype=dtype, batch_norm=batch_norm)
-                    sx, sy, qx, _ = problem.data.tensors()
+                    sx, sy, qx, _ = problem.data
                     with torch.no_grad():
                         logits[(lib, dtype)] = protonet_logits(lib, problem)(sx, sy, qx).double()
         except PeerUnavailable as exc:

@@ -31,30 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pymeta.data import Episode
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class Episodes:
-    """A meta-batch of T tasks: support ``[T, S, ...]`` and query ``[T, Q, ...]``."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-
-    @property
-    def num_tasks(self) -> int:
-        """Number of tasks T in the meta-batch."""
-        return self.support_x.shape[0]
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(support_x, support_y, query_x, query_y)``."""
-        return self.support_x, self.support_y, self.query_x, self.query_y
-
-    def to(self, device: torch.device | str) -> Episodes:
-        """The same episodes with every tensor on ``device``."""
-        return Episodes(*(t.to(device) for t in self.tensors()))
 
 
 @dataclass(frozen=True)
@@ -67,7 +46,7 @@ class Problem:
 
     algorithm: str
     model: nn.Module
-    data: Episodes
+    data: Episode
     loss_fn: LossFn
     lr: float = 0.0
     steps: int = 1
@@ -82,7 +61,7 @@ class Problem:
 
 def sinusoid_tasks(
     tasks: int = 25, shots: int = 10, queries: int = 10, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Episodes:
+) -> Episode:
     """Sinusoid regression tasks ``y = A sin(x - phase)`` (Finn et al. 2017).
 
     A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]; shapes ``[T, S, 1]`` / ``[T, Q, 1]``.
@@ -93,7 +72,7 @@ def sinusoid_tasks(
     x = torch.empty(tasks, shots + queries, 1).uniform_(-5.0, 5.0, generator=g)
     y = amp * torch.sin(x - phase)
     x, y = x.to(dtype), y.to(dtype)
-    return Episodes(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+    return Episode(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
 
 def image_episodes(
@@ -104,7 +83,7 @@ def image_episodes(
     size: int = 28,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> Episodes:
+) -> Episode:
     """N-way K-shot episodes of random ``size x size`` grayscale images in [0, 1).
 
     Labels are ``0..n_way-1`` grouped by class (support ``[T, N*K]``, query ``[T, N*Q]``).
@@ -115,7 +94,7 @@ def image_episodes(
     query_x = torch.rand(tasks, n_way * queries_per_class, 1, size, size, generator=g).to(dtype)
     support_y = torch.arange(n_way).repeat_interleave(k_shot).expand(tasks, -1).contiguous()
     query_y = torch.arange(n_way).repeat_interleave(queries_per_class).expand(tasks, -1).contiguous()
-    return Episodes(support_x, support_y, query_x, query_y)
+    return Episode(support_x, support_y, query_x, query_y)
 
 
 # --------------------------------------------------------------------------------------

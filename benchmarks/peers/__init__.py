@@ -17,9 +17,9 @@ A library name may carry options in brackets (:func:`parse_library`): every libr
 ``compile=1`` (its meta-loss function wrapped in ``torch.compile``, see
 :func:`meta_step`); pymeta also takes its own (``"pymeta[loop,task_chunk=4]"``).
 
-Libraries are imported lazily; a missing or broken one raises :class:`PeerUnavailable`,
-so a driver reports ``skipped: <reason>`` and never fakes a number. This package itself
-imports only ``torch`` and is importable from any Python with torch.
+Libraries (pymeta too) are imported lazily, when a meta-step is built; a missing or broken
+one raises :class:`PeerUnavailable`, so a driver reports ``skipped: <reason>`` and never
+fakes a number. This package itself needs only ``torch`` and pymeta's ``Episode`` type.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from workloads import Episodes, Problem
+from workloads import Problem
+
+from pymeta.data import Episode
 
 # Library name -> module in this package.
 MODULES = {"pymeta": "pymeta", "learn2learn": "learn2learn", "higher": "higher",
@@ -146,7 +148,7 @@ def compile_cold(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 def meta_step(
     params: list[Tensor],
     loss: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
-    data: Episodes,
+    data: Episode,
     *,
     per_task: bool,
     compile: int = 0,
@@ -162,7 +164,7 @@ def meta_step(
     shapes each call, so one compilation serves every task and step).
     """
     fn = compile_cold(loss) if compile else loss
-    sx, sy, qx, qy = data.tensors()
+    sx, sy, qx, qy = data
     num_tasks = data.num_tasks
 
     def step() -> None:

@@ -80,7 +80,7 @@ def _step(learner: nn.Module, problem: Problem, cuda_graph: int, compile: int) -
             raise PeerUnavailable("pymeta[cuda_graph=1,compile=1]", "pick one of cuda_graph and compile")
         if problem.data.support_x.device.type != "cuda":
             raise PeerUnavailable("pymeta[cuda_graph=1]", "CUDA graphs need a CUDA device (--device cuda)")
-        batch = problem.data.tensors()
+        batch = problem.data
         graphed = pymeta.CUDAGraphStep(learner, batch, loss_fn=problem.loss_fn)
         return MetaStep(lambda: graphed(*batch), params, strategy)
 

@@ -55,7 +55,7 @@ META=("$PY" benchmarks/bench_meta.py --device cuda --repeats 3 --min-run-time 0.
 META_LIBS=(pymeta "pymeta[compile=1]" "pymeta[cuda_graph=1]" learn2learn torch.func)
 # name | budget (s) | command (bash; runs in the repository root)
 STEPS=(
-    "env|15|$PY -m pymeta info; nvidia-smi || echo 'nvidia-smi: not available'"
+    "env|15|$PY -m pymeta info && { nvidia-smi || echo 'nvidia-smi: not available'; }"
     "build|120|$PY -m pymeta build-ext --verbose"
     "tests|90|$PY -m pytest -v --tb=short -m gpu tests/ --junitxml=$OUT/tests.xml"
     "bench-ops|75|$PY -m pymeta bench ops --device cuda --repeats 1 --out-dir $OUT/ops"

@@ -119,7 +119,7 @@ def prepare(entry: Entry, warmup: int, device: str = "cpu", self_check: bool = F
     """Warm up, measure and snapshot the gradient of ``entry`` before it is timed.
 
     1. ``warmup`` plain meta-steps (the first of a compiled step compiles: ``cold_s``);
-       pymeta ``"auto"`` takes as many as it needs to settle on a strategy (it times its
+       eager pymeta ``"auto"`` takes as many as it needs to settle on a strategy (it times its
        candidates on these calls; at worst a warm-up call, 15 trials per candidate and
        the call that decides: 32 for two candidates, well within ``max_calls``).
     2. One call counting ATen ops and peak memory, one counting FLOPs
@@ -145,13 +145,14 @@ def prepare(entry: Entry, warmup: int, device: str = "cpu", self_check: bool = F
             if calls == 0 and meta.compiled:
                 entry.cold_s = seconds
             calls += 1
-        if meta.strategy is not None:
+        if meta.strategy is not None and not meta.compiled:
             while meta.strategy() is None and calls < max_calls:
                 meta.step()
                 calls += 1
             if meta.strategy() is None:
                 raise RuntimeError(f"pymeta chose no strategy in {max_calls} calls")
-            entry.strategy = str(meta.strategy())
+        if meta.strategy is not None:  # compiled: whatever the traced code settled on, if anything
+            entry.strategy = str(meta.strategy() or "")
         for p in meta.params:
             p.grad = None
         measured = []  # seconds of the measured calls

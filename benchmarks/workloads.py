@@ -204,7 +204,11 @@ class Workload:
     libraries: tuple[str, ...]
     grad_tol: float
     pymeta_options: dict[str, Any] = field(default_factory=dict)
-    baseline: str = "learn2learn"
+
+    @property
+    def baseline(self) -> str:
+        """The library speed-ups and gradients are compared with."""
+        return "easyfsl" if "easyfsl" in self.libraries else "learn2learn"
 
     @property
     def algorithm(self) -> str:
@@ -220,12 +224,6 @@ class Workload:
         return replace(p, model=p.model.to(device), data=p.data.to(device))
 
 
-def _w(name: str, group: str, description: str, make: Callable[..., Problem], libraries: tuple[str, ...],
-       grad_tol: float, **pymeta_options: Any) -> Workload:  # fmt: skip
-    baseline = "easyfsl" if "easyfsl" in libraries else "learn2learn"
-    return Workload(name, group, description, make, libraries, grad_tol, pymeta_options, baseline)
-
-
 _SIN = "sinusoid MLP 1-40-40-1, 25 tasks, 10+10 shots"
 _CONV4 = "5-way 1-shot 28x28, 15 queries/class, conv4, 32 tasks"
 _FULL = (*MAML_LIBRARIES, *COMPILED)
@@ -237,26 +235,27 @@ _LONG_TOL = 1e-2
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
-        _w("sinusoid-maml-1step", "a", f"{_SIN}, 2nd-order MAML, 1 step", partial(sinusoid, "maml", 1), _FULL, 1e-5),
-        _w("sinusoid-maml-5step", "a", f"{_SIN}, 2nd-order MAML, 5 steps", partial(sinusoid, "maml", 5), _FULL, 1e-4),
+        Workload("sinusoid-maml-1step", "a", f"{_SIN}, 2nd-order MAML, 1 step", partial(sinusoid, "maml", 1), _FULL, 1e-5),
+        Workload("sinusoid-maml-5step", "a", f"{_SIN}, 2nd-order MAML, 5 steps", partial(sinusoid, "maml", 5), _FULL, 1e-4),
         # pymeta on conv4: meta_loss with one task per chunk, learn2learn's memory footprint.
-        _w("conv4-maml-2nd", "b", f"{_CONV4}, 2nd-order MAML", partial(conv4_maml, 1, False), _FULL, 1e-4,
-           task_chunk=1),
-        _w("conv4-maml-1st", "b", f"{_CONV4}, 1st-order MAML", partial(conv4_maml, 1, True), _FULL, 1e-4,
-           task_chunk=1),
+        Workload("conv4-maml-2nd", "b", f"{_CONV4}, 2nd-order MAML", partial(conv4_maml, 1, False), _FULL, 1e-4,
+           {"task_chunk": 1}),
+        Workload("conv4-maml-1st", "b", f"{_CONV4}, 1st-order MAML", partial(conv4_maml, 1, True), _FULL, 1e-4,
+           {"task_chunk": 1}),
         # pymeta: meta_loss one task per chunk, easyfsl's per-task memory.
-        _w("conv4-protonet", "c", f"{_CONV4} (encoder), ProtoNet", conv4_protonet, ("pymeta", "easyfsl"), 1e-4,
-           task_chunk=1),
-        _w("sinusoid-metasgd-1step", "d", f"{_SIN}, Meta-SGD, 1 step", partial(sinusoid, "metasgd", 1), _FULL, 1e-5),
-        _w("sinusoid-metasgd-5step", "d", f"{_SIN}, Meta-SGD, 5 steps", partial(sinusoid, "metasgd", 5), _FULL, 1e-4),
+        Workload("conv4-protonet", "c", f"{_CONV4} (encoder), ProtoNet", conv4_protonet, ("pymeta", "easyfsl"), 1e-4,
+           {"task_chunk": 1}),
+        Workload("sinusoid-metasgd-1step", "d", f"{_SIN}, Meta-SGD, 1 step", partial(sinusoid, "metasgd", 1), _FULL, 1e-5),
+        Workload("sinusoid-metasgd-5step", "d", f"{_SIN}, Meta-SGD, 5 steps", partial(sinusoid, "metasgd", 5), _FULL, 1e-4),
         # Long inner loops: memory/time of pymeta[checkpoint_steps=1] vs plain, per step count.
-        _w("conv4-maml-5step", "m", "conv4 as above, 2nd-order MAML, 5 inner steps", partial(conv4_maml, 5, False),
-           ("pymeta", "learn2learn"), _LONG_TOL, task_chunk=1),
-        _w("conv4-maml-10step", "m", "conv4 as above, 2nd-order MAML, 10 inner steps", partial(conv4_maml, 10, False),
-           ("pymeta", "learn2learn"), _LONG_TOL, task_chunk=1),
+        Workload("conv4-maml-5step", "m", "conv4 as above, 2nd-order MAML, 5 inner steps", partial(conv4_maml, 5, False),
+           ("pymeta", "learn2learn"), _LONG_TOL, {"task_chunk": 1}),
+        Workload("conv4-maml-10step", "m", "conv4 as above, 2nd-order MAML, 10 inner steps", partial(conv4_maml, 10, False),
+           ("pymeta", "learn2learn"), _LONG_TOL, {"task_chunk": 1}),
     ]
 }  # fmt: skip
 
-GROUPS: dict[str, tuple[str, ...]] = {}
-for _workload in WORKLOADS.values():
-    GROUPS[_workload.group] = (*GROUPS.get(_workload.group, ()), _workload.name)
+GROUPS: dict[str, tuple[str, ...]] = {
+    group: tuple(w.name for w in WORKLOADS.values() if w.group == group)
+    for group in dict.fromkeys(w.group for w in WORKLOADS.values())
+}

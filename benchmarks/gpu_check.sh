@@ -3,12 +3,13 @@
 #
 #   usage: bash benchmarks/gpu_check.sh OUT_DIR             (on a machine with a CUDA device)
 #          bash benchmarks/gpu_check.sh --dry-run [OUT_DIR] (anywhere: imports and the step list)
-#          pymeta bench gpu [--dry-run] OUT_DIR            (the same, with the pymeta's Python)
+#          pymeta bench gpu [--dry-run] OUT_DIR            (the same, with pymeta's Python)
 #
 # Steps, each under its own time budget enforced with `timeout` (the budgets add up to
 # less than 8 minutes, kill grace included):
-#   env        versions, `pymeta info`, nvidia-smi
 #   build      `pymeta build-ext`: the C++ and CUDA extensions, once, before anything uses them
+#              (fails unless the cuda backend is then available)
+#   env        versions, `pymeta info` (which op backends run, or why not), nvidia-smi
 #   tests      `pytest -m gpu`: every fused op with the triton and the cuda backend forced
 #              against the float64 reference, gradcheck/gradgradcheck on the GPU, MAML and
 #              Meta-SGD meta-gradients on the GPU, the CUDA-graph capture tests
@@ -20,7 +21,8 @@
 # Each step writes its log (and tables/CSVs) to OUT_DIR; OUT_DIR/summary.md lists every
 # step's status, time and budget and repeats the tables. It degrades instead of stopping:
 # a missing peer library is reported as skipped by bench_meta.py, a failing or timed-out
-# step is reported and the next step still runs; the exit status is 1 if any step failed.
+# step is reported and the next step still runs (after a failed build without building
+# again: PYMETA_NO_BUILD=1); the exit status is 1 if any step failed.
 #
 # Python: $PYTHON (default python3), e.g. PYTHON=/work/venv-peers/bin/python for the peers
 # (benchmarks/setup_peers.sh). Triton runs compiled (TRITON_INTERPRET=0).
@@ -33,7 +35,7 @@ OUT=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
         *) OUT="$arg" ;;
     esac
@@ -55,8 +57,8 @@ META=("$PY" benchmarks/bench_meta.py --device cuda --repeats 3 --min-run-time 0.
 META_LIBS=(pymeta "pymeta[compile=1]" "pymeta[cuda_graph=1]" learn2learn torch.func)
 # name | budget (s) | command (bash; runs in the repository root)
 STEPS=(
+    "build|120|$PY -m pymeta build-ext --verbose && $PY -c \"import sys, pymeta.ops; s = pymeta.ops.backends()['cuda']; print('cuda backend:', s); sys.exit(s != 'available')\""
     "env|15|$PY -m pymeta info && { nvidia-smi || echo 'nvidia-smi: not available'; }"
-    "build|120|$PY -m pymeta build-ext --verbose"
     "tests|90|$PY -m pytest -v --tb=short -m gpu tests/ --junitxml=$OUT/tests.xml"
     "bench-ops|75|$PY -m pymeta bench ops --device cuda --repeats 1 --out-dir $OUT/ops"
     "meta-a|40|${META[*]} --workloads a --libraries ${META_LIBS[*]@Q} --out-dir $OUT/meta-a"
@@ -148,6 +150,11 @@ for step in "${STEPS[@]}"; do
         124|137) status="TIMED OUT (budget $budget s)"; failures=$((failures + 1)) ;;
         *) status="FAILED (exit $rc)"; failures=$((failures + 1)) ;;
     esac
+    if [[ $name == build && $rc != 0 ]]; then
+        # Later steps would otherwise try the same build again inside their own budgets.
+        export PYMETA_NO_BUILD=1
+        status="$status; later steps run with PYMETA_NO_BUILD=1 (backends needing the build are skipped)"
+    fi
     echo "   $status in $took s; log: $log"
     echo "| $name | $status | $took | $budget | $name.log |" >>"$SUMMARY"
     {
@@ -157,7 +164,7 @@ for step in "${STEPS[@]}"; do
         echo '```'
         case $name in
             # pytest's skip reasons and final counts; the benchmarks' closing tables.
-            tests) grep -E '^(SKIPPED|FAILED|ERROR)|^=+ .*(passed|failed|error)' "$log" | tail -60 ;;
+            tests) grep -E '^(SKIPPED|FAILED|ERROR)' "$log" | tail -60; tail -1 "$log" ;;
             meta-*) sed -n '/^targets (measured vs goal):/,$p' "$log" | grep . || tail -40 "$log" ;;
             *) tail -60 "$log" ;;
         esac

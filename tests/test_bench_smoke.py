@@ -107,7 +107,7 @@ def test_gpu_check_dry_run_imports_everything_and_lists_the_steps(tmp_path: Path
     assert result.returncode == 0
     out = result.stdout
     budgets = dict(re.findall(r"^  (\S+) +(\d+) s  ", out, re.MULTILINE))
-    assert list(budgets) == ["env", "build", "tests", "bench-ops", "meta-a", "meta-b", "meta-c", "meta-d"]
+    assert list(budgets) == ["build", "env", "tests", "bench-ops", "meta-a", "meta-b", "meta-c", "meta-d"]
     total = int(re.search(r"at most (\d+) s", out).group(1))
     assert total <= 480 and total >= sum(map(int, budgets.values()))
     for script in ("bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py", "bench_meta.py"):
@@ -115,3 +115,13 @@ def test_gpu_check_dry_run_imports_everything_and_lists_the_steps(tmp_path: Path
     collected = re.search(r"pytest -m gpu collects: (\d+)/\d+ tests collected", out)
     assert collected and int(collected.group(1)) > 0
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+@pytest.mark.skipif(not GPU_CHECK.is_file(), reason="needs the benchmarks/ folder of a checkout")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_gpu_check_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert "no CUDA device visible to torch" in result.stderr and "--dry-run" in result.stderr

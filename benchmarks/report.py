@@ -102,16 +102,19 @@ def print_table(entries: list[Entry], peak: float, threads: int, device: str = "
         if last is not None and e.workload != last:
             print()
         last = e.workload
-        if not e.ok or not e.times:
+        if not e.ok:
             cold = f" (cold first call {e.cold_s:.1f} s)" if e.cold_s is not None else ""
-            print(f"{e.workload:23s} {e.library:22s} {e.status if not e.ok else 'not timed'}{cold}")
+            print(f"{e.workload:23s} {e.library:22s} {e.status}{cold}")
             continue
+        timed = bool(e.times)
         ratio = paired_ratio(e, by_key.get((e.workload, baseline_name(e.workload))))
         peak_mib = None if e.peak_bytes is None else e.peak_bytes / 2**20
         share = _fraction_of_peak(e, peak)
         print(
-            f"{e.workload:23s} {e.library:22s} {e.strategy or '-':9s} {e.tasks_per_s:10.1f} "
-            f"{1e3 * e.median:9.2f} {_fmt(ratio, '7.2f') or '-':>7s} {_fmt(e.cold_s, '7.1f') or '-':>7s} "
+            f"{e.workload:23s} {e.library:22s} {e.strategy or '-':9s} "
+            f"{_fmt(e.tasks_per_s if timed else None, '10.1f') or '-':>10s} "
+            f"{_fmt(1e3 * e.median if timed else None, '9.2f') or '-':>9s} {_fmt(ratio, '7.2f') or '-':>7s} "
+            f"{_fmt(e.cold_s, '7.1f') or '-':>7s} "
             f"{e.ops.total if e.ops else '-':>9} {e.ops.non_view if e.ops else '-':>9} "
             f"{_kernels(e, device) or '-':>8s} {_fmt(peak_mib, '9.2f') or '-':>9s} "
             f"{_fmt(None if e.flops is None else e.flops / 1e6, '9.1f') or '-':>9s} "
@@ -137,7 +140,9 @@ def goal_lines(entries: list[Entry], logit_diffs: dict[str, float], peak: float)
         if not (ours.ok and theirs.ok):
             return f"{label}: n/a ({theirs.status if not theirs.ok else ours.status})"
         r = paired_ratio(ours, theirs)
-        return f"{label} = {_fmt(r, '.2f')}x (goal >= {goal:g}x) {verdict(r, goal, True)}"
+        if r is None:
+            return f"{label}: n/a (not timed)"
+        return f"{label} = {r:.2f}x (goal >= {goal:g}x) {verdict(r, goal, True)}"
 
     def ops(w: str, peer: str, goal: float) -> str:
         ours, theirs = by_key.get((w, "pymeta")), by_key.get((w, peer))

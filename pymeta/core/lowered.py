@@ -138,6 +138,8 @@ def _linear(module: nn.Linear, prefix: str) -> Layer:
         if weight.dim() == 2:  # shared weight: one plain matmul over all tasks
             out = F.linear(x, weight)
             return out if bias is None else out + _bias_view(bias, out)
+        if torch.compiler.is_compiling() and 1 in weight.shape[1:]:
+            return _thin_linear(x, weight, bias)
         # x: [T, B, ..., in] @ [T, in, out], the bias folded into the same kernel. Every
         # view op here is dispatched again in backward: skip the reshapes when x is 3-D.
         rows = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
@@ -149,6 +151,20 @@ def _linear(module: nn.Linear, prefix: str) -> Layer:
         return out if x.dim() == 3 else out.view(*x.shape[:-1], weight.shape[1])
 
     return linear
+
+
+def _thin_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A per-task linear layer with one input or one output feature, written as a
+    broadcast product (and a sum): ``x: [T, B, ..., in]``, ``weight: [T, out, in]``.
+
+    A matrix product with a dimension of 1 is an outer product or a dot product; as
+    such, a compiler fuses it (forward and backward) with the elementwise neighbours,
+    where a batched-matmul call would stay a separate kernel. Used when traced only:
+    eagerly ``baddbmm`` is one op, this is two.
+    """
+    view = (x.shape[0], *([1] * (x.dim() - 2)), *weight.shape[1:])  # [T, 1.., out, in]
+    out = (x.unsqueeze(-2) * weight.view(view)).sum(-1)  # [T, B, .., out]
+    return out if bias is None else out + _bias_view(_per_task(bias, 1, x.shape[0]), out)
 
 
 def _bias_view(bias: Tensor, out: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
 (per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary) and ``memory_access`` (one MANN step: LRU write and cosine reads). ``backends()`` says which backends run here and why the others do not.
+temporary) and ``memory_access`` (one MANN step: LRU write and cosine reads).
+``backends()`` says which backends run here and why the others do not.
 """
 
 from pymeta.ops._backends import backends, force_backend

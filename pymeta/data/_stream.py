@@ -1,4 +1,5 @@
-"""Counter-based random streams of episodes, shared by :class:`Sinusoid` and :class:`TaskSampler`.
+"""Counter-based random streams of episodes, shared by :class:`Sinusoid`, :class:`TaskSampler`
+and :class:`SequenceSampler` (whose batches are :class:`Sequences`, not :class:`Episode`).
 
 Batch ``i`` of a stream is drawn from a generator seeded by ``(seed, i)`` alone. So
 

@@ -46,7 +46,72 @@ def _class_name(dataset: Any, label: Hashable) -> str:
     return str(label)
 
 
-class TaskSampler(EpisodeStream):
+class ClassStream(EpisodeStream):
+    """Base of the streams that draw whole classes of a map-style ``(x, label)`` dataset:
+    the per-class pools of example indices, the check that every class has enough
+    examples, the draw of ``n_way`` random classes per task and the loading of inputs.
+
+    Subclasses (:class:`TaskSampler`, :class:`pymeta.data.SequenceSampler`) call
+    ``super().__init__`` with ``per_class``, the examples a task takes from each class,
+    and ``per_class_name``, how the error message names that number.
+    """
+
+    def __init__(
+        self, dataset: Any, n_way: int, per_class: int, per_class_name: str, meta_batch: int, seed: int | None
+    ) -> None:
+        super().__init__(meta_batch, seed)
+        self.dataset = dataset
+        self.n_way = _validate.positive_int("n_way", n_way)
+        labels = dataset_labels(dataset)
+        pools: dict[Hashable, list[int]] = {}
+        for index, label in enumerate(labels):
+            pools.setdefault(label, []).append(index)
+        # Classes in order of first appearance: deterministic for a given dataset.
+        self.classes: list[Hashable] = list(pools)
+        self._pools: list[Tensor] = [torch.tensor(pools[c]) for c in self.classes]
+        self._check_sizes(per_class, per_class_name)
+
+    def _check_sizes(self, needed: int, needed_name: str) -> None:
+        if len(self.classes) < self.n_way:
+            raise ValueError(
+                f"n_way = {self.n_way} but the dataset has only {len(self.classes)} classes"
+            )
+        small = [i for i, pool in enumerate(self._pools) if len(pool) < needed]
+        if small:
+            smallest = min(small, key=lambda i: len(self._pools[i]))
+            name = _class_name(self.dataset, self.classes[smallest])
+            others = f" (and {len(small) - 1} more classes are too small)" if len(small) > 1 else ""
+            raise ValueError(
+                f"class {name!r} has {len(self._pools[smallest])} examples but {needed_name}{others}"
+            )
+
+    def _draw_indices(self, num_tasks: int, per_class: int, generator: torch.Generator) -> Tensor:
+        """Example indices ``[num_tasks, n_way, per_class]``: row ``[t, c]`` holds distinct
+        examples of the class that task ``t`` labels ``c`` (classes and labels drawn at random)."""
+        indices = torch.empty(num_tasks, self.n_way, per_class, dtype=torch.long)
+        for t in range(num_tasks):
+            # The position in a random permutation is the new label: a random relabelling.
+            chosen = torch.randperm(len(self._pools), generator=generator)[: self.n_way]
+            for label, c in enumerate(chosen.tolist()):
+                pool = self._pools[c]
+                indices[t, label] = pool[torch.randperm(len(pool), generator=generator)[:per_class]]
+        return indices
+
+    def _load(self, indices: Sequence[int]) -> Tensor:
+        """Stacked inputs ``[len(indices), ...]`` of the given examples."""
+        xs = []
+        for i in indices:
+            x = self.dataset[i][0]
+            if not isinstance(x, (Tensor, np.ndarray)):
+                raise TypeError(
+                    f"dataset items must be (tensor, label) pairs, got x of type {type(x).__name__} at index {i}; "
+                    "give the dataset a transform that converts it to a tensor"
+                )
+            xs.append(torch.as_tensor(x))
+        return torch.stack(xs)
+
+
+class TaskSampler(ClassStream):
     """Random N-way K-shot classification episodes over a map-style dataset.
 
     Each task picks ``n_way`` distinct classes, gives them the labels ``0..n_way-1`` in
@@ -76,60 +141,17 @@ class TaskSampler(EpisodeStream):
         meta_batch: int,
         seed: int | None = None,
     ) -> None:
-        super().__init__(meta_batch, seed)
-        self.dataset = dataset
-        self.n_way = _validate.positive_int("n_way", n_way)
         self.k_shot = _validate.positive_int("k_shot", k_shot)
         self.q_queries = _validate.positive_int("q_queries", q_queries)
-        labels = dataset_labels(dataset)
-        pools: dict[Hashable, list[int]] = {}
-        for index, label in enumerate(labels):
-            pools.setdefault(label, []).append(index)
-        # Classes in order of first appearance: deterministic for a given dataset.
-        self.classes: list[Hashable] = list(pools)
-        self._pools: list[Tensor] = [torch.tensor(pools[c]) for c in self.classes]
-        self._check_sizes()
-
-    def _check_sizes(self) -> None:
-        if len(self.classes) < self.n_way:
-            raise ValueError(
-                f"n_way = {self.n_way} but the dataset has only {len(self.classes)} classes"
-            )
-        needed = self.k_shot + self.q_queries
-        small = [i for i, pool in enumerate(self._pools) if len(pool) < needed]
-        if small:
-            smallest = min(small, key=lambda i: len(self._pools[i]))
-            name = _class_name(self.dataset, self.classes[smallest])
-            others = f" (and {len(small) - 1} more classes are too small)" if len(small) > 1 else ""
-            raise ValueError(
-                f"class {name!r} has {len(self._pools[smallest])} examples but "
-                f"k_shot + q_queries = {self.k_shot} + {self.q_queries} = {needed}{others}"
-            )
+        needed = k_shot + q_queries
+        super().__init__(dataset, n_way, needed, f"k_shot + q_queries = {k_shot} + {q_queries} = {needed}",
+                         meta_batch, seed)
 
     def _draw(self, num_tasks: int, generator: torch.Generator) -> Episode:
         n, k, per_class = self.n_way, self.k_shot, self.k_shot + self.q_queries
-        indices = torch.empty(num_tasks, n, per_class, dtype=torch.long)
-        for t in range(num_tasks):
-            # The position in a random permutation is the new label: a random relabelling.
-            chosen = torch.randperm(len(self._pools), generator=generator)[:n]
-            for label, c in enumerate(chosen.tolist()):
-                pool = self._pools[c]
-                indices[t, label] = pool[torch.randperm(len(pool), generator=generator)[:per_class]]
+        indices = self._draw_indices(num_tasks, per_class, generator)
         x = self._load(indices.flatten().tolist()).unflatten(0, (num_tasks, n, per_class))
         labels = torch.arange(n).view(1, n, 1)
         support_y = labels.expand(num_tasks, n, k).flatten(1)
         query_y = labels.expand(num_tasks, n, per_class - k).flatten(1)
         return Episode(x[:, :, :k].flatten(1, 2), support_y, x[:, :, k:].flatten(1, 2), query_y)
-
-    def _load(self, indices: Sequence[int]) -> Tensor:
-        """Stacked inputs ``[len(indices), ...]`` of the given examples."""
-        xs = []
-        for i in indices:
-            x = self.dataset[i][0]
-            if not isinstance(x, (Tensor, np.ndarray)):
-                raise TypeError(
-                    f"dataset items must be (tensor, label) pairs, got x of type {type(x).__name__} at index {i}; "
-                    "give the dataset a transform that converts it to a tensor"
-                )
-            xs.append(torch.as_tensor(x))
-        return torch.stack(xs)

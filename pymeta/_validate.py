@@ -224,7 +224,11 @@ def targets(name: str, pred: Tensor, target: Tensor, loss_fn: object) -> None:
         raise ValueError(
             f"{name} holds class labels [T, S], so the model must output logits [T, S, C], got {tuple(pred.shape)}"
         )
-    classes = pred.shape[-1]  # not pred itself: a recorded check must not keep it alive
+    labels_in_range(name, target, pred.shape[-1])
+
+
+def labels_in_range(name: str, target: Tensor, classes: int) -> None:
+    """``target`` must hold class labels in ``[0, classes)`` (reads them: a :func:`value_check`)."""
     value_check(
         lambda: _labels_in_range(name, target, classes), target,
         ok=lambda: ((target >= 0) & (target < classes)).all(),

@@ -96,7 +96,8 @@ def _train_and_report(config: training.TrainConfig, resume: str | None, progress
           f"last: {training.last_checkpoint_path(result.checkpoint)}")
     if plot:
         png = training.plot_history(result.history, Path(result.checkpoint).with_suffix(".png"),
-                                    f"{result.config.algo} on {result.config.data}")
+                                    f"{result.config.algo} on {result.config.data}", result.test,
+                                    result.learner.metric_columns)
         print(f"learning curves: {png}")
 
 

@@ -26,7 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -188,6 +188,8 @@ class DataSpec:
     example_shape: tuple[int, ...]
     out_features: int
     loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.mse_loss)
+    # split -> its class dataset of (x, label), for learners that draw their own batches
+    make_dataset: Callable[[str], Any] | None = None
 
     def backbone(self, n_out: int | str | None = "head") -> nn.Module:
         """The standard network for the data: MLP 1-40-40-1 for regression, conv4 for images.
@@ -209,14 +211,18 @@ class Stats:
     mean: float
     ci95: float
     tasks: int
+    columns: tuple[Stats, ...] = ()  # of a metric with K values per task, each column's
 
     def __str__(self) -> str:
         return f"{self.mean:.4f} ± {self.ci95:.4f} (95% CI, {self.tasks} tasks)"
 
 
 def confidence(values: Tensor) -> Stats:
-    """Normal-approximation 95% CI of the mean of ``values: [N]``."""
+    """Normal-approximation 95% CI of the mean of ``values: [N]``; for ``[N, K]`` (K values
+    per task), of the row means, with each column's statistics in ``columns``."""
     values = values.double()
+    if values.dim() == 2:
+        return replace(confidence(values.mean(1)), columns=tuple(confidence(column) for column in values.T))
     n = values.numel()
     std = values.std(unbiased=True).item() if n > 1 else 0.0
     return Stats(values.mean().item(), 1.96 * std / math.sqrt(n), n)
@@ -260,15 +266,8 @@ class GraphedEpisodeStep:
         return self.graphed(*episode).item()
 
 
-def task_metric(pred: Tensor, target: Tensor, task: str) -> Tensor:
-    """Per-task metric ``[T]``: accuracy for classification, MSE for regression."""
-    if task == "classification":
-        return (pred.argmax(-1) == target).double().mean(1)
-    return (pred - target).square().flatten(1).mean(1).double()
-
-
 def evaluate(
-    learner: nn.Module,
+    learner: Learner,
     episodes: Iterator[Episode],
     num_tasks: int,
     task: str,
@@ -276,7 +275,8 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
 ) -> Stats:
-    """Mean per-task metric over the first ``num_tasks`` tasks drawn from ``episodes``.
+    """Mean per-task metric (:meth:`Learner.task_metric`) over the first ``num_tasks`` tasks
+    drawn from ``episodes`` (any batches with ``num_tasks``, e.g. :meth:`Learner.eval_batches`).
 
     The inner loop still takes gradients; only the outer graph is skipped. Inside a
     process group every rank must call it with the same ``episodes``: each evaluates
@@ -293,8 +293,7 @@ def evaluate(
             mine = distributed.shard_range(keep)
             if len(mine):
                 local = distributed.take(ep, mine).to(device)
-                pred = learner.episode(local.support_x, local.support_y, local.query_x)
-                metrics.append(task_metric(pred, local.query_y, task).cpu())
+                metrics.append(learner.task_metric(local, task).cpu())
             else:  # the last batch can have fewer tasks left than there are ranks
                 metrics.append(torch.empty(0, dtype=torch.float64))
             seen += keep
@@ -399,7 +398,8 @@ def train(
             running = loss if math.isnan(running) else 0.95 * running + 0.05 * loss
         bar.set_postfix(meta_loss=f"{running:.4f}")
         if step % config.val_every == 0 or step == config.iterations:
-            val = evaluate(learner, spec.make_eval("val", config.seed + 1), config.val_episodes, spec.task, config.device)
+            val = evaluate(learner, eval_batches(config, spec, "val", config.seed + 1), config.val_episodes, spec.task,
+                           config.device)
             history.append({"step": step, "meta_loss": running, "val": val.mean, "val_ci95": val.ci95})
             improved = best is None or (val.mean > best if higher_is_better else val.mean < best)
             if improved:
@@ -492,6 +492,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def eval_batches(config: TrainConfig, spec: DataSpec, split: str, seed: int) -> Iterator[Any]:
+    """The evaluation batches of ``split`` for the run's learner (:meth:`Learner.eval_batches`)."""
+    return LEARNERS[config.algo].eval_batches(config, spec, split, seed) or spec.make_eval(split, seed)
+
+
 def evaluate_test(
     learner: Learner, spec: DataSpec, config: TrainConfig, progress: bool
 ) -> tuple[Stats, Stats | None]:
@@ -499,13 +504,13 @@ def evaluate_test(
     adapts = learner.inner_steps is not None
     if adapts:
         learner.inner_steps = config.eval_inner_steps
-    test = evaluate(learner, spec.make_eval("test", config.seed + 2), config.eval_episodes, spec.task,
+    test = evaluate(learner, eval_batches(config, spec, "test", config.seed + 2), config.eval_episodes, spec.task,
                     config.device, progress, "test")
     before = None
     if adapts:
         learner.inner_steps = 0
-        before = evaluate(learner, spec.make_eval("test", config.seed + 2), config.eval_episodes, spec.task,
-                          config.device, progress, "test (no adaptation)")
+        before = evaluate(learner, eval_batches(config, spec, "test", config.seed + 2), config.eval_episodes,
+                          spec.task, config.device, progress, "test (no adaptation)")
         learner.inner_steps = config.inner_steps
     return test, before
 
@@ -513,8 +518,12 @@ def evaluate_test(
 def report_line(
     config: TrainConfig, spec: DataSpec, test: Stats, before: Stats | None, learner: nn.Module | None = None
 ) -> str:
-    """The test report; with a ``learner`` that has BatchNorm, also the normalisation
-    policy the evaluation used (:func:`evaluate` runs learners in train mode)."""
+    """The test report (``learner.test_report`` if it has its own); with a ``learner`` that
+    has BatchNorm, also the normalisation policy the evaluation used (:func:`evaluate`
+    runs learners in train mode)."""
+    own = learner.test_report(config, test, before) if isinstance(learner, Learner) else None
+    if own is not None:
+        return own
     metric = "accuracy" if spec.task == "classification" else "MSE"
     shots = f"{config.ways}-way {config.shots}-shot" if spec.task == "classification" else f"{config.shots}-shot"
     if before is None:  # no inner loop (ProtoNet): nothing adapts
@@ -559,16 +568,20 @@ def _classification(config: TrainConfig, dataset: Callable[[str], Any]) -> DataS
 
     splits = {"train": dataset("train")}
 
-    def stream(split: str, seed: int) -> TaskSampler:
+    def split_dataset(split: str) -> Any:
         if split not in splits:
             splits[split] = dataset(split)
-        return TaskSampler(splits[split], config.ways, config.shots, config.queries, config.meta_batch, seed)
+        return splits[split]
+
+    def stream(split: str, seed: int) -> TaskSampler:
+        return TaskSampler(split_dataset(split), config.ways, config.shots, config.queries, config.meta_batch, seed)
 
     example_shape = tuple(splits["train"][0][0].shape)
     return DataSpec(
         train=stream("train", config.seed), make_train_dataset=lambda: splits["train"],
         make_eval=lambda split, seed: iter(stream(split, seed)), task="classification",
         example_shape=example_shape, out_features=config.ways, loss_fn=F.cross_entropy,
+        make_dataset=split_dataset,
     )
 
 
@@ -649,21 +662,32 @@ DATASETS["glyphs"] = _glyphs
 DATASETS["folder"] = _folder
 
 
-def plot_history(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Write a PNG of the learning curves: running meta-loss and validation metric per step."""
+def plot_history(
+    history: list[dict[str, float]], path: str | Path, title: str = "", test: Stats | None = None,
+    columns: str = "position",
+) -> Path:
+    """Write a PNG of the learning curves: running meta-loss and validation metric per step;
+    with a ``test`` metric of K values per task, also each value's mean (``columns``: their
+    axis label, e.g. MANN's instance of a class)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if test is not None and test.columns else 2
+    fig, (loss_ax, val_ax, *rest) = plt.subplots(1, panels, figsize=(5 * panels, 4))
     loss_ax.plot(steps, [h["meta_loss"] for h in history], marker="o")
     loss_ax.set(xlabel="meta-step", ylabel="meta-loss (running mean)", title="training")
     val = [h["val"] for h in history]
     ci = [h["val_ci95"] for h in history]
     val_ax.errorbar(steps, val, yerr=ci, marker="o", capsize=3)
     val_ax.set(xlabel="meta-step", ylabel="validation metric (95% CI)", title="validation")
+    for ax in rest:
+        positions = range(1, len(test.columns) + 1)
+        ax.errorbar(positions, [c.mean for c in test.columns], yerr=[c.ci95 for c in test.columns], marker="o",
+                    capsize=3)
+        ax.set(xlabel=columns, ylabel="test metric (95% CI)", title=f"test ({test.tasks} tasks)", xticks=positions)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

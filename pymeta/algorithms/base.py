@@ -23,6 +23,10 @@ learner only through the members below, so a new algorithm is one file:
   :data:`LEARNERS`; :meth:`from_config` builds it from a run's config, and
   :meth:`training_batches`, ``cli_defaults`` and ``cli_options`` say what it trains on,
   its default settings per data set and which optional settings it honours.
+* Evaluation (validation and test in the command): :meth:`eval_batches` (what to
+  evaluate on; default: the data set's episodes), :meth:`task_metric` (each task's
+  metric on a batch; default: query accuracy or MSE of ``episode``) and
+  :meth:`test_report` (the test report; default: the command's standard one).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.core.chunked import chunked_mean_loss
 
 if TYPE_CHECKING:  # the command's types; learners only read their fields
-    from pymeta.training import DataSpec, TrainConfig
+    from pymeta.training import DataSpec, Stats, TrainConfig
 
 # pymeta train --algo NAME -> the learner class (filled by ``class X(Learner, cli=...)``).
 LEARNERS: dict[str, type[Learner]] = {}
@@ -59,6 +63,13 @@ def default_loss(support_y: Tensor) -> LossFn:
     return F.mse_loss if support_y.is_floating_point() else F.cross_entropy
 
 
+def task_metric(pred: Tensor, target: Tensor, task: str) -> Tensor:
+    """Per-task metric ``[T]``: accuracy for classification, MSE for regression."""
+    if task == "classification":
+        return (pred.argmax(-1) == target).double().mean(1)
+    return (pred - target).square().flatten(1).mean(1).double()
+
+
 class Learner(nn.Module):
     """Base class of every pymeta learner (see the module docstring for the contract).
 
@@ -72,6 +83,8 @@ class Learner(nn.Module):
     cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # Which of CLI_OPTIONS ``from_config`` passes on (others are refused by the command).
     cli_options: ClassVar[frozenset[str]] = frozenset()
+    # What the K columns of a [T, K] task_metric are (a plot's axis label); "" for [T].
+    metric_columns: ClassVar[str] = ""
 
     def __init_subclass__(cls, cli: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,6 +220,25 @@ class Learner(nn.Module):
     @classmethod
     def training_batches(cls, config: TrainConfig, data: DataSpec) -> Batches | None:
         """What :meth:`train_step` trains on, if not the training episodes (None)."""
+        return None
+
+    @classmethod
+    def eval_batches(cls, config: TrainConfig, data: DataSpec, split: str, seed: int) -> Iterator[Any] | None:
+        """What :meth:`task_metric` is evaluated on for ``split`` ("val" or "test"), drawn
+        from ``seed``, if not the data set's episodes (None)."""
+        return None
+
+    def task_metric(self, batch: Any, task: str) -> Tensor:
+        """Each task's evaluation metric on ``batch`` (what :meth:`eval_batches` yields):
+        ``[T]``, or ``[T, K]`` for K metrics per task (named by ``metric_columns``; the
+        command reports each column and the mean of the rows). Default: accuracy
+        (``task="classification"``) or MSE of :meth:`episode` on an :class:`Episode`'s queries.
+        """
+        support_x, support_y, query_x, query_y = batch
+        return task_metric(self.episode(support_x, support_y, query_x), query_y, task)
+
+    def test_report(self, config: TrainConfig, test: Stats, before: Stats | None) -> str | None:
+        """The test report of ``pymeta train`` / ``pymeta eval``, if not the standard one (None)."""
         return None
 
 

@@ -234,6 +234,15 @@ class _MemoryAccess(torch.autograd.Function):
         return (*backward(*args), None, None)
 
 
+def composite(
+    memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor, adds: Tensor, gates: Tensor,
+    gamma: float = 0.95,
+) -> MemoryState:
+    """:func:`memory_access` as composite PyTorch ops (autograd through each; inputs unchecked):
+    the reference the fused op is tested and benchmarked against."""
+    return MemoryState(*reference_forward(memory, usage, read_weights, keys, adds, gates, gamma, EPS)[:4])
+
+
 def memory_access(
     memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor, adds: Tensor, gates: Tensor,
     gamma: float = 0.95,

@@ -63,7 +63,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def least_used(usage: Tensor, heads: int) -> Tensor:
     """``[T, heads]`` int64: the ``heads`` rows of smallest usage, ascending, ties to the lowest index."""
-    return torch.sort(usage, dim=-1, stable=True).indices[..., :heads]
+    return torch.sort(usage, dim=-1, stable=True).indices[..., :heads].contiguous()
 
 
 def _write_weights(read_weights: Tensor, gates: Tensor, lu: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:

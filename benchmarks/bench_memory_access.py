@@ -17,9 +17,10 @@ ratios):
 Beside the times: ATen ops dispatched per call (a fused op counts as one; a floor on
 kernel launches). On a loaded machine other processes preempt OpenMP threads; ``--threads
 1 --cpu-time`` times with the thread's CPU clock, immune to that. Writes
-``benchmarks/results/memory_access_<device>_<n>threads[_cpu_time].csv``, prints a table last.
+``<out-dir>/memory_access_<device>_<n>threads[_cpu_time].csv``, prints a table last.
 
     python benchmarks/bench_memory_access.py [--tasks 16] [--threads N] [--cpu-time] [--repeats 3] [--min-run-time 1]
+                                             [--device cpu] [--out-dir benchmarks/results]
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import statistics
 import time
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import count_aten_ops, print_table, synchronize, write_csv
+from measure import RESULTS, count_aten_ops, print_table, synchronize, write_csv
 from torch.utils.benchmark import Timer
 
 import pymeta
@@ -113,6 +115,7 @@ def main() -> None:
                     help="time with the calling thread's CPU clock (CPU only; needs --threads 1)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads is not None:
@@ -147,7 +150,7 @@ def main() -> None:
                      "ms": 1e3 * statistics.median(times), "x_composite": base / statistics.median(times),
                      "aten_ops": ops.total, "non_view_ops": ops.non_view})
     clock = "_cpu_time" if args.cpu_time else ""
-    write_csv(f"memory_access_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
+    write_csv(args.out_dir / f"memory_access_{device.type}_{torch.get_num_threads()}threads{clock}.csv", rows)
     print(f"\nMANN memory step on {device} ({torch.get_num_threads()} threads"
           f"{', thread CPU time' if args.cpu_time else ''}), float32, memory {R} x {W}, {H} heads; medians of "
           f"{args.repeats} interleaved rounds; x composite = the composite step's time / this variant's")

@@ -24,7 +24,7 @@ from conftest import report
 from helpers import classification_episode, conv_bn, reference_meta_grads, relative_error
 
 import pymeta
-from pymeta.ops import force_backend, inner_sgd, proto_logits, prototypes
+from pymeta.ops import force_backend, inner_sgd, memory_access, proto_logits, prototypes
 from pymeta.ops._backends import triton_interpreting, unavailable_reason
 
 # (device, backend): the GPU backends, and the C++ backend to run this file's code in CI.
@@ -72,12 +72,22 @@ def _proto_logits(metric: str, small: bool) -> tuple[Callable[..., torch.Tensor]
     return lambda q, p: proto_logits(q, p, metric), [query, protos]
 
 
+def _memory_access(small: bool) -> tuple[Callable[..., tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    tasks, rows, width, heads = (2, 5, 3, 2) if small else (T, 37, 13, 3)
+    # Distinct usages, exact in half precision: the least-used rows are the same in every dtype.
+    usage = torch.stack([torch.randperm(rows) for _ in range(tasks)]) / 8
+    inputs = [torch.randn(tasks, rows, width), usage, torch.softmax(torch.randn(tasks, heads, rows), -1),
+              torch.randn(tasks, heads, width), torch.randn(tasks, heads, width), torch.rand(tasks, heads)]
+    return lambda *x: tuple(memory_access(*x)), [x.double() for x in inputs]
+
+
 # name -> builder(small): (op as a function of its inputs, float64 CPU inputs of odd shapes)
 OPS = {
     "inner_sgd-float-lr": lambda small: _inner_sgd(False, small),
     "inner_sgd-per-element-lr": lambda small: _inner_sgd(True, small),
     "prototypes": _prototypes,
     **{f"proto_logits-{m}": (lambda small, m=m: _proto_logits(m, small)) for m in ("sqeuclidean", "euclidean", "cosine")},
+    "memory_access": _memory_access,
 }
 
 

@@ -28,34 +28,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
-import timeit
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import RESULTS, count_aten_ops, print_table, synchronize, write_csv
-from torch.utils.benchmark import Timer
+from measure import (
+    count_aten_ops,
+    median_seconds,
+    op_benchmark_setup,
+    print_table,
+    synchronize,
+    write_csv,
+)
 
 import pymeta
 from pymeta.data import Glyphs, SequenceSampler
 from pymeta.ops import force_backend, memory_access
-from pymeta.ops._backends import BACKENDS, unavailable_reason
+from pymeta.ops._backends import BACKENDS
 from pymeta.ops.memory_access import composite
 
 R, W, H = 128, 40, 4  # the paper's memory
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float, cpu_time: bool) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
-    clock = time.thread_time if cpu_time else timeit.default_timer
-    # Timer runs its statement with num_threads intra-op threads (default 1), not torch's setting.
-    timer = Timer("fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def scope(backend: str | None) -> contextlib.AbstractContextManager:
@@ -108,27 +100,8 @@ def step_jobs(T: int, device: torch.device) -> dict[tuple[str, str, str], Callab
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--tasks", type=int, nargs="+", default=[16], help="T, sequences per meta-batch")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with the calling thread's CPU clock (CPU only; needs --threads 1)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
-    ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
-        ap.error("--cpu-time measures the calling thread only: use it with --device cpu --threads 1")
-    backends = []
-    for backend in BACKENDS:
-        reason = unavailable_reason(backend, device)
-        if reason is None and not (backend == "triton" and device.type == "cpu"):
-            backends.append(backend)
-        else:
-            print(f"skipping backend {backend}: {reason or 'the Triton interpreter is not a benchmark'}")
+    args, device, backends = op_benchmark_setup(ap, min_run_time=1.0)
 
     jobs = {(T, *key): fn for T in args.tasks for key, fn in {**op_jobs(T, device, backends),
                                                                **step_jobs(T, device)}.items()}

@@ -14,13 +14,18 @@ One implementation of each, used by every script in ``benchmarks/``:
 * :func:`memory_bandwidth` -- a CUDA device's memory bandwidth, the yardstick for GB/s
   (:func:`bandwidth_columns` adds the achieved share to a table's rows).
 * :func:`synchronize` -- wait for a CUDA device's queued work (a no-op on CPU).
+* :func:`op_benchmark_setup`, :func:`median_seconds` -- the op microbenchmarks' common
+  options and timer.
 * :func:`write_csv` -- rows of dicts to ``benchmarks/results/<name>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
+import time
+import timeit
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.benchmark import Timer
 
 __all__ = [
     "RESULTS",
@@ -42,7 +48,9 @@ __all__ = [
     "flops",
     "matmul_peak_flops",
     "measure_all",
+    "median_seconds",
     "memory_bandwidth",
+    "op_benchmark_setup",
     "peak_memory",
     "synchronize",
     "write_csv",
@@ -436,6 +444,57 @@ def bandwidth_columns(rows: Sequence[dict[str, Any]], device: torch.device) -> l
         row["bandwidth_GBps"] = bandwidth / 1e9
         row["fwd_pct_of_bandwidth"] = 100 * row["fwd_GBps"] * 1e9 / bandwidth
     return [("fwd_pct_of_bandwidth", "%bw", "5.1f")]
+
+
+# --------------------------------------------------------------------------------------
+# Op microbenchmarks: common options and timing
+# --------------------------------------------------------------------------------------
+
+
+def op_benchmark_setup(
+    ap: argparse.ArgumentParser, min_run_time: float
+) -> tuple[argparse.Namespace, torch.device, list[str]]:
+    """Add the options every op microbenchmark takes (``--device --threads --cpu-time
+    --repeats --min-run-time --out-dir``) to ``ap``, parse, apply ``--threads``; return the
+    arguments, the device and the pymeta backends to time there (the Triton interpreter is
+    no benchmark), saying why each other backend is skipped."""
+    from pymeta.ops._backends import BACKENDS, unavailable_reason
+
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the calling thread's CPU clock (CPU only; needs --threads 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--min-run-time", type=float, default=min_run_time, help="seconds per blocked_autorange")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--cpu-time measures the calling thread only: use it with --device cpu --threads 1")
+    backends = []
+    for backend in BACKENDS:
+        reason = unavailable_reason(backend, device)
+        if reason is None and not (backend == "triton" and device.type == "cpu"):
+            backends.append(backend)
+        else:
+            print(f"skipping backend {backend}: {reason or 'the Triton interpreter is not a benchmark'}")
+    return args, device, backends
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float, cpu_time: bool) -> float:
+    """Median seconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, else
+    ``Timer.blocked_autorange`` with torch's thread count (and the thread's CPU clock if
+    ``cpu_time``)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0] / 1e3
+    clock = time.thread_time if cpu_time else timeit.default_timer
+    # Timer runs its statement with num_threads intra-op threads (default 1), not torch's setting.
+    timer = Timer("fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 # --------------------------------------------------------------------------------------

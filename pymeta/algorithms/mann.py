@@ -59,6 +59,28 @@ class _State(NamedTuple):
         return _State(*(x.repeat_interleave(n, 0) for x in self))
 
 
+class _StepWeight(torch.autograd.Function):
+    """``base`` unchanged; its backward also gives ``weight`` its gradient over all steps.
+
+    A recurrence multiplies ``z_t [T, K]`` by ``weight [K, F]`` at every step ``t`` and adds
+    ``base[:, t]``. Done with the weight itself, autograd forms and accumulates one
+    ``[K, F]`` weight gradient per step. Done with ``weight.detach()`` plus this identity on
+    ``base``, whose gradient ``g [T, S, F]`` is each step's output gradient, the weight's
+    gradient is one matmul ``sum_t z_t^T g_t`` at the end; ``steps`` is the list the loop
+    appends each (detached) ``z_t`` to. First-order only (``z_t`` is detached).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor, weight: Tensor, steps: list[Tensor]) -> Tensor:
+        ctx.steps = steps
+        return base.view_as(base)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z = torch.stack(ctx.steps, 1)
+        return grad, z.flatten(0, 1).T @ grad.flatten(0, 1), None
+
+
 def ordinal(k: int) -> str:
     """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``21st``."""
     suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
@@ -184,18 +206,27 @@ class MANN(Learner, cli=("mann", "lstm")):
         n_in, HW = inputs.shape[-1], self.read_heads * self.memory_width
         # The example/label part of every step's preactivation in one matmul; per step only
         # the reads and the recurrent state: [r_{t-1}, h_{t-1}] @ [W_r, W_hh]^T.
-        pre = F.linear(inputs, lstm.weight_ih_l0[:, :n_in], lstm.bias_ih_l0 + lstm.bias_hh_l0)
         recurrent = torch.cat([lstm.weight_ih_l0[:, n_in:], lstm.weight_hh_l0], 1).T
+        T, S, H, W = *inputs.shape[:2], self.read_heads, self.memory_width
+        z_steps: list[Tensor] = []
+        h_steps: list[Tensor] = []
+        pre = _StepWeight.apply(F.linear(inputs, lstm.weight_ih_l0[:, :n_in], lstm.bias_ih_l0 + lstm.bias_hh_l0),
+                                recurrent, z_steps)
+        interface_base = _StepWeight.apply(self.interface.bias.expand(T, S, -1), self.interface.weight.T, h_steps)
+        recurrent, interface_weight = recurrent.detach(), self.interface.weight.detach().T
         access: Callable[..., MemoryState] = memory_access if self.fused else composite
-        T, H, W = inputs.shape[0], self.read_heads, self.memory_width
         h, c, reads, memory, usage, read_weights = state
         outputs = []
-        for pre_t in pre.unbind(1):  # unbind: one gradient op for all steps (slices would zero-fill each)
-            gates = torch.addmm(pre_t, torch.cat([reads, h], 1), recurrent)
+        # unbind: one gradient op for all steps (slices would zero-fill a full gradient each).
+        for pre_t, base_t in zip(pre.unbind(1), interface_base.unbind(1), strict=True):
+            z = torch.cat([reads, h], 1)
+            z_steps.append(z.detach())
+            gates = torch.addmm(pre_t, z, recurrent)
             i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # nn.LSTM's gate order: i, f, g, o
             c = f * c + i * torch.tanh(gates[:, 2 * lstm.hidden_size : 3 * lstm.hidden_size])
             h = o * torch.tanh(c)
-            interface = self.interface(h)
+            h_steps.append(h.detach())
+            interface = torch.addmm(base_t, h, interface_weight)
             keys, adds = torch.tanh(interface[:, : 2 * HW]).view(T, 2, H, W).unbind(1)
             step = access(memory, usage, read_weights, keys, adds, torch.sigmoid(interface[:, 2 * HW :]), self.gamma)
             reads, read_weights, memory, usage = step.reads.flatten(1), step.read_weights, step.memory, step.usage

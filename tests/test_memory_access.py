@@ -198,9 +198,10 @@ def test_gradients_through_50_steps_equal_the_composite(backend: str) -> None:
 
 
 def test_triton_refuses_a_memory_larger_than_its_tile() -> None:
-    memory, keys = torch.empty(1, 256, 128), torch.empty(1, 2, 128)
-    assert "next_pow2(R) * next_pow2(W) = 32768" in not_supported("triton", memory, keys)
-    assert not_supported("cpp", memory, keys) is None
+    assert not_supported("triton", torch.empty(1, 128, 40)) is None  # MANN's default memory
+    assert "256 x 256 = 65536 elements > 16384 (R=256, W=128)" in not_supported("triton", torch.empty(1, 256, 128))
+    assert "256 x 256 = 65536 elements > 16384 (R=256, W=8)" in not_supported("triton", torch.empty(1, 256, 8))
+    assert not_supported("cpp", torch.empty(1, 256, 128)) is None
     if unavailable_reason("triton", CPU) is not None:
         pytest.skip(unavailable_reason("triton", CPU))
     xs = inputs(1, 256, 128, 2)

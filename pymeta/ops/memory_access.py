@@ -43,8 +43,9 @@ from pymeta.ops import _backends
 from pymeta.ops._vmap import register_task_fold
 
 EPS = 1e-6  # inside the cosine's square root, as ntm-one-shot's cosine_similarity
-# The Triton kernel keeps a task's whole memory tile in registers: up to this many
-# elements (next powers of two of R and W); larger memories run on another backend.
+# The Triton kernel keeps a task's memory tile and the [R, R] comparison that ranks its rows
+# in registers: up to this many elements each (R, W rounded up to powers of two, at least
+# 16); larger memories run on another backend.
 TRITON_MAX_TILE = 1 << 14
 
 
@@ -140,22 +141,24 @@ def reference_backward(
     return tuple(x.to(new_memory.dtype) for x in grads)  # type: ignore[return-value]
 
 
-def not_supported(backend: str, memory: Tensor, keys: Tensor) -> str | None:
-    """Why the forward kernel of ``backend`` cannot take these inputs (None: it can)."""
+def not_supported(backend: str, memory: Tensor) -> str | None:
+    """Why the forward kernel of ``backend`` cannot take a memory of this size (None: it can)."""
     if backend == "triton":
         from triton import next_power_of_2
 
-        tile = next_power_of_2(memory.shape[1]) * next_power_of_2(memory.shape[2])
+        rows, width = (max(16, next_power_of_2(n)) for n in memory.shape[1:])
+        tile = rows * max(rows, width)
         if tile > TRITON_MAX_TILE:
-            return (f"the Triton kernel holds a task's memory in registers: next_pow2(R) * next_pow2(W) = {tile} "
-                    f"> {TRITON_MAX_TILE}")
+            return (f"the Triton kernel holds a task's [R, W] memory and [R, R] row ranks in registers: "
+                    f"{rows} x {max(rows, width)} = {tile} elements > {TRITON_MAX_TILE} (R={memory.shape[1]}, "
+                    f"W={memory.shape[2]})")
     return None
 
 
-def _backend(memory: Tensor, keys: Tensor) -> str:
-    """The backend for these inputs: a forced one must support them, an automatic one is skipped."""
+def _backend(memory: Tensor) -> str:
+    """The backend for this memory: a forced one must support it, an automatic one is skipped."""
     backend = _backends.select(memory.device)
-    reason = not_supported(backend, memory, keys)
+    reason = not_supported(backend, memory)
     if reason is None:
         return backend
     if _backends.forced_backend() is not None:
@@ -182,7 +185,7 @@ def _(memory, usage, read_weights, keys, adds, gates, gamma, eps):
 @_forward_op.register_kernel(("cpu", "cuda"))
 def _(memory, usage, read_weights, keys, adds, gates, gamma, eps):
     args = (memory, usage, read_weights, keys, adds, gates, gamma, eps)
-    return _backends.run(_backend(memory, keys), "memory_access", args, lambda: reference_forward(*args))
+    return _backends.run(_backend(memory), "memory_access", args, lambda: reference_forward(*args))
 
 
 @torch.library.custom_op("pymeta::memory_access_backward", mutates_args=())
@@ -203,8 +206,7 @@ def _(grad_reads, grad_read_weights, grad_memory, grad_usage, read_weights, keys
 
 @_backward_op.register_kernel(("cpu", "cuda"))
 def _(*args):
-    new_memory, keys = args[9], args[5]
-    return _backends.run(_backend(new_memory, keys), "memory_access_backward", args,
+    return _backends.run(_backend(args[9]), "memory_access_backward", args,
                          lambda: reference_backward(*args))
 
 

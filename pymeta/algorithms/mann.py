@@ -15,11 +15,20 @@ goes. The model, as in the paper and its reference implementation
   content-based reads (cosine similarity, softmax over the rows);
 * the logits are a linear layer of ``[h_t, r_t]``.
 
-The initial state also follows the reference code: memory filled with 1e-6, usage and
-read weights one-hot on row 0, reads and LSTM state zero. A meta-batch of T sequences
-runs as one batch through every step (the loop over time steps is inherent; there is
-none over tasks). ``memory_rows=0`` is the paper's LSTM baseline: the same controller
-with no memory (``nn.LSTM`` over the whole sequence, logits from ``h_t``).
+A meta-batch of T sequences runs as one batch through every step (the loop over time
+steps is inherent; there is none over tasks). ``memory_rows=0`` is the paper's LSTM
+baseline: the same controller with no memory (``nn.LSTM`` over the whole sequence,
+logits from ``h_t``).
+
+Where the paper leaves a choice open, the reference code decides: the key and add
+nonlinearities (``tanh``), the write gate per head, head ``h`` writing to the ``h``-th
+least-used row (the paper's ``w^lu`` marks the H least-used rows without saying which
+head takes which), the cosine as ``k.m / sqrt(|k|^2 |m|^2 + 1e-6)``, and the initial
+state (memory filled with 1e-6, usage and read weights one-hot on row 0, reads and LSTM
+state zero). Where they differ, this follows the reference too: Adam at 1e-3 in
+``pymeta train`` (the paper: RMSprop at 1e-4, which learns far slower in a CPU budget).
+Unlike both, weights start at PyTorch's default initialisation (the reference: Glorot
+uniform), and there is no key strength (neither has one).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 // ATen binding of the CUDA kernels of pymeta::memory_access (csrc/memory_access.cuh).
+// Inputs are made contiguous in their opmath type (half and bfloat16 -> float; a no-op
+// for contiguous float/double), the kernels run in float or double, and the outputs are
+// rounded to the input dtype once.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -16,7 +19,6 @@
 
 namespace {
 
-using pymeta::cuda_type_t;
 using pymeta::current_stream;
 namespace kernels = pymeta::memory_access_cuda;
 
@@ -34,26 +36,16 @@ Sizes sizes_of(const at::Tensor& memory, const at::Tensor& keys) {
   return s;
 }
 
-// Checks the device and shape of each tensor; returns contiguous copies (no-ops when contiguous).
+// Checks the device and shape of each tensor; returns them contiguous in their opmath type.
 std::vector<at::Tensor> prepare(const std::vector<std::tuple<const at::Tensor*, const char*, std::vector<int64_t>>>& args) {
   std::vector<at::Tensor> out;
   for (const auto& [x, name, shape] : args) {
     TORCH_CHECK_VALUE(x->is_cuda(), "the cuda backend runs on CUDA tensors, got ", name, " on ", x->device());
     TORCH_CHECK_VALUE(x->sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape),
                       ", got ", x->sizes());
-    out.push_back(x->contiguous());
+    out.push_back(x->to(at::toOpMathType(x->scalar_type())).contiguous());
   }
   return out;
-}
-
-template <typename scalar_t>
-const cuda_type_t<scalar_t>* in(const at::Tensor& x) {
-  return reinterpret_cast<const cuda_type_t<scalar_t>*>(x.const_data_ptr<scalar_t>());
-}
-
-template <typename scalar_t>
-cuda_type_t<scalar_t>* out(at::Tensor& x) {
-  return reinterpret_cast<cuda_type_t<scalar_t>*>(x.mutable_data_ptr<scalar_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_access_cuda(
@@ -71,18 +63,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_ac
   at::Tensor reads = at::empty({s.T, s.H, s.W}, options), wr_out = at::empty({s.T, s.H, s.R}, options),
              mem_out = at::empty({s.T, s.R, s.W}, options), usage_out = at::empty({s.T, s.R}, options),
              lu = at::empty({s.T, s.H}, options.dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "memory_access_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor workspace = at::empty({s.T * kernels::forward_workspace(s.R, s.W, s.H)},
-                                     options.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const cudaError_t err = kernels::launch_forward<cuda_type_t<scalar_t>, acc_t>(
-        in<scalar_t>(c[0]), in<scalar_t>(c[1]), in<scalar_t>(c[2]), in<scalar_t>(c[3]), in<scalar_t>(c[4]),
-        in<scalar_t>(c[5]), static_cast<acc_t>(gamma), static_cast<acc_t>(eps), out<scalar_t>(reads),
-        out<scalar_t>(wr_out), out<scalar_t>(mem_out), out<scalar_t>(usage_out), lu.mutable_data_ptr<int64_t>(),
-        workspace.mutable_data_ptr<acc_t>(), s.T, s.R, s.W, s.H, current_stream(memory.device()));
+  AT_DISPATCH_FLOATING_TYPES(c[0].scalar_type(), "memory_access_cuda", [&] {
+    at::Tensor workspace = at::empty({s.T * kernels::forward_workspace(s.R, s.W, s.H)}, options);
+    const cudaError_t err = kernels::launch_forward<scalar_t>(
+        c[0].const_data_ptr<scalar_t>(), c[1].const_data_ptr<scalar_t>(), c[2].const_data_ptr<scalar_t>(),
+        c[3].const_data_ptr<scalar_t>(), c[4].const_data_ptr<scalar_t>(), c[5].const_data_ptr<scalar_t>(),
+        static_cast<scalar_t>(gamma), static_cast<scalar_t>(eps), reads.mutable_data_ptr<scalar_t>(),
+        wr_out.mutable_data_ptr<scalar_t>(), mem_out.mutable_data_ptr<scalar_t>(),
+        usage_out.mutable_data_ptr<scalar_t>(), lu.mutable_data_ptr<int64_t>(), workspace.mutable_data_ptr<scalar_t>(),
+        s.T, s.R, s.W, s.H, current_stream(memory.device()));
     TORCH_CHECK(err == cudaSuccess, "memory_access CUDA kernel failed: ", cudaGetErrorString(err));
   });
-  return {reads, wr_out, mem_out, usage_out, lu};
+  const auto dtype = memory.scalar_type();
+  return {reads.to(dtype), wr_out.to(dtype), mem_out.to(dtype), usage_out.to(dtype), lu};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_access_backward_cuda(
@@ -100,28 +93,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           {&adds, "adds", {s.T, s.H, s.W}},
                           {&gates, "gates", {s.T, s.H}},
                           {&wr, "new_read_weights", {s.T, s.H, s.R}},
-                          {&mem, "new_memory", {s.T, s.R, s.W}},
-                          {&lu_in, "least_used", {s.T, s.H}}});
-  const at::Tensor lu = c[10].to(at::kLong);
+                          {&mem, "new_memory", {s.T, s.R, s.W}}});
+  TORCH_CHECK_VALUE(lu_in.is_cuda() && lu_in.sizes() == at::IntArrayRef({s.T, s.H}),
+                    "least_used must be a CUDA tensor of shape [", s.T, ", ", s.H, "], got ", lu_in.sizes(), " on ",
+                    lu_in.device());
+  const at::Tensor lu = lu_in.to(at::kLong).contiguous();
   const auto options = c[9].options();
   at::Tensor o_mem = at::empty({s.T, s.R, s.W}, options), o_usage = at::empty({s.T, s.R}, options),
              o_wr_prev = at::empty({s.T, s.H, s.R}, options), o_keys = at::empty({s.T, s.H, s.W}, options),
              o_adds = at::empty({s.T, s.H, s.W}, options), o_gates = at::empty({s.T, s.H}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "memory_access_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor workspace = at::empty({s.T * kernels::backward_workspace(s.R, s.W, s.H)},
-                                     options.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const kernels::Grads<cuda_type_t<scalar_t>> grads{
-        in<scalar_t>(c[0]),        in<scalar_t>(c[1]),     in<scalar_t>(c[2]),       in<scalar_t>(c[3]),
-        out<scalar_t>(o_mem),      out<scalar_t>(o_usage), out<scalar_t>(o_wr_prev), out<scalar_t>(o_keys),
-        out<scalar_t>(o_adds),     out<scalar_t>(o_gates)};
-    const cudaError_t err = kernels::launch_backward<cuda_type_t<scalar_t>, acc_t>(
-        grads, in<scalar_t>(c[4]), in<scalar_t>(c[5]), in<scalar_t>(c[6]), in<scalar_t>(c[7]), in<scalar_t>(c[8]),
-        in<scalar_t>(c[9]), lu.const_data_ptr<int64_t>(), static_cast<acc_t>(gamma), static_cast<acc_t>(eps),
-        workspace.mutable_data_ptr<acc_t>(), s.T, s.R, s.W, s.H, current_stream(mem.device()));
+  AT_DISPATCH_FLOATING_TYPES(c[9].scalar_type(), "memory_access_backward_cuda", [&] {
+    at::Tensor workspace = at::empty({s.T * kernels::backward_workspace(s.R, s.W, s.H)}, options);
+    const kernels::Grads<scalar_t> grads{
+        c[0].const_data_ptr<scalar_t>(),     c[1].const_data_ptr<scalar_t>(),      c[2].const_data_ptr<scalar_t>(),
+        c[3].const_data_ptr<scalar_t>(),     o_mem.mutable_data_ptr<scalar_t>(),   o_usage.mutable_data_ptr<scalar_t>(),
+        o_wr_prev.mutable_data_ptr<scalar_t>(), o_keys.mutable_data_ptr<scalar_t>(), o_adds.mutable_data_ptr<scalar_t>(),
+        o_gates.mutable_data_ptr<scalar_t>()};
+    const cudaError_t err = kernels::launch_backward<scalar_t>(
+        grads, c[4].const_data_ptr<scalar_t>(), c[5].const_data_ptr<scalar_t>(), c[6].const_data_ptr<scalar_t>(),
+        c[7].const_data_ptr<scalar_t>(), c[8].const_data_ptr<scalar_t>(), c[9].const_data_ptr<scalar_t>(),
+        lu.const_data_ptr<int64_t>(), static_cast<scalar_t>(gamma), static_cast<scalar_t>(eps),
+        workspace.mutable_data_ptr<scalar_t>(), s.T, s.R, s.W, s.H, current_stream(mem.device()));
     TORCH_CHECK(err == cudaSuccess, "memory_access_backward CUDA kernel failed: ", cudaGetErrorString(err));
   });
-  return {o_mem, o_usage, o_wr_prev, o_keys, o_adds, o_gates};
+  const auto dtype = mem.scalar_type();
+  return {o_mem.to(dtype), o_usage.to(dtype), o_wr_prev.to(dtype), o_keys.to(dtype), o_adds.to(dtype),
+          o_gates.to(dtype)};
 }
 
 }  // namespace

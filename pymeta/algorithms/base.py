@@ -63,8 +63,8 @@ def default_loss(support_y: Tensor) -> LossFn:
     return F.mse_loss if support_y.is_floating_point() else F.cross_entropy
 
 
-def task_metric(pred: Tensor, target: Tensor, task: str) -> Tensor:
-    """Per-task metric ``[T]``: accuracy for classification, MSE for regression."""
+def query_metric(pred: Tensor, target: Tensor, task: str) -> Tensor:
+    """Per-task metric ``[T]`` of predictions ``[T, Q, ...]``: accuracy for classification, MSE for regression."""
     if task == "classification":
         return (pred.argmax(-1) == target).double().mean(1)
     return (pred - target).square().flatten(1).mean(1).double()
@@ -235,7 +235,7 @@ class Learner(nn.Module):
         (``task="classification"``) or MSE of :meth:`episode` on an :class:`Episode`'s queries.
         """
         support_x, support_y, query_x, query_y = batch
-        return task_metric(self.episode(support_x, support_y, query_x), query_y, task)
+        return query_metric(self.episode(support_x, support_y, query_x), query_y, task)
 
     def test_report(self, config: TrainConfig, test: Stats, before: Stats | None) -> str | None:
         """The test report of ``pymeta train`` / ``pymeta eval``, if not the standard one (None)."""

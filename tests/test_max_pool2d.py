@@ -66,19 +66,19 @@ def test_cpp_kernel_equals_aten_bit_for_bit(dtype, shape, kernel, stride):
     x.view(-1)[:: 7] = float("nan")
     x.view(-1)[3 :: 11] = float("-inf")
     kernel, stride = list(_pair(kernel)), list(_pair(stride))
-    out, idx = torch.ops.pymeta_cpu.max_pool2d_with_indices(x, kernel, stride)
+    out, idx = torch.ops.pymeta_cpu.max_pool2d(x, kernel, stride)
     ref, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, [0, 0], [1, 1], False)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
     strided = x.transpose(2, 3)  # made contiguous by the kernel
-    torch.testing.assert_close(torch.ops.pymeta_cpu.max_pool2d_with_indices(strided, kernel, stride)[1],
+    torch.testing.assert_close(torch.ops.pymeta_cpu.max_pool2d(strided, kernel, stride)[1],
                                torch.ops.aten.max_pool2d_with_indices(strided, kernel, stride, [0, 0], [1, 1],
                                                                       False)[1], rtol=0, atol=0)
 
 
 @cpp
 def test_cpp_kernel_bad_arguments():
-    op = torch.ops.pymeta_cpu.max_pool2d_with_indices
+    op = torch.ops.pymeta_cpu.max_pool2d
     with pytest.raises(ValueError, match=r"input must be \[N, C, H, W\], got shape \[4, 4\]"):
         op(torch.zeros(4, 4), [2, 2], [2, 2])
     with pytest.raises(ValueError, match=r"input plane 3x3 is smaller than the kernel \[4, 4\]"):

@@ -181,9 +181,10 @@ def test_gradcheck_and_gradgradcheck(backend: str, metric: str) -> None:
 def test_opcheck(backend: str, metric: str) -> None:
     query, protos = torch.randn(2, 5, 7), torch.randn(2, 3, 7)
     with force_backend(backend):
-        torch.library.opcheck(torch.ops.pymeta.proto_logits.default, (query, protos, metric))
+        index = METRICS.index(metric)
+        torch.library.opcheck(torch.ops.pymeta.proto_logits.default, (query, protos, index, module.EPS))
         logits = proto_logits(query, protos, metric)
-        args = (torch.randn_like(logits), query, protos, logits, metric)
+        args = (torch.randn_like(logits), query, protos, logits, index, module.EPS)
         torch.library.opcheck(torch.ops.pymeta.proto_logits_backward.default, args)
 
 

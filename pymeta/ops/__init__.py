@@ -1,13 +1,16 @@
-"""pymeta's fused ops: one autograd-aware custom op per file, four backends each.
+"""pymeta's fused ops: one autograd-aware custom op per file, up to four backends each.
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
-(per-task class means) and ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary). ``backends()`` says which backends run here and why the others do not.
+(per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
+temporary) and ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward).
+``backends()`` says which backends run here and why the others do not; ``usage()``
+which backend each op call of this process ran on, and why.
 """
 
-from pymeta.ops._backends import backends, force_backend
+from pymeta.ops._backends import backends, force_backend, reset_usage, usage
 from pymeta.ops.inner_sgd import inner_sgd
+from pymeta.ops.max_pool2d import max_pool2d
 from pymeta.ops.proto_logits import proto_logits
 from pymeta.ops.prototypes import prototypes
 
-__all__ = ["backends", "force_backend", "inner_sgd", "proto_logits", "prototypes"]
+__all__ = ["backends", "force_backend", "inner_sgd", "max_pool2d", "proto_logits", "prototypes", "reset_usage", "usage"]

@@ -21,40 +21,10 @@
 
 #include <cstdint>
 
+#include "inner_sgd_launch.h"  // constants and entry tables
+
 namespace pymeta {
 namespace inner_sgd_cuda {
-
-constexpr int kForwardThreads = 256;
-constexpr int kForwardTile = 4 * kForwardThreads;
-constexpr int kBackwardThreads = 256;
-constexpr int kReduceThreads = 128;
-
-// One tensor of the list. Pointers are untyped so a table of them is one plain array.
-struct ForwardEntry {
-  const void* p;
-  const void* g;
-  void* out;
-  const void* lr;  // null: the rate is `scale` alone
-  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
-  int64_t first_tile;
-};
-
-struct BackwardEntry {
-  const void* go;
-  const void* g;   // read only for the lr gradient
-  const void* lr;  // null: no lr tensors
-  void* grad_g;    // null: not needed
-  void* grad_lr;   // null: not needed
-  int64_t rows, cols, go_rs, g_rs, lr_rs, lr_cs;
-  int64_t partial;  // first per-(strip, row) partial sum, or -1 when lr is not per task / per layer
-  int64_t first_tile;
-};
-
-// A per-task ([T, 1, ...]) or per-layer ([]) lr gradient to add up from the partial sums.
-struct ReduceEntry {
-  void* grad_lr;
-  int64_t partial, rows, tiles, per_task;
-};
 
 // Storage <-> compute conversions: explicit intrinsics, because torch builds extensions
 // with __CUDA_NO_HALF_CONVERSIONS__ (no implicit half casts).
@@ -180,27 +150,27 @@ __global__ void reduce_kernel(const ReduceEntry* __restrict__ entries, double ne
   }
 }
 
-// entries: device array of num_entries ForwardEntry sorted by first_tile; num_tiles in total.
+// entries: device copy of plan.table; grid: plan.launch() (ForwardPlan, inner_sgd_launch.h).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_forward(const ForwardEntry* entries, int num_entries, int64_t num_tiles, double scale,
+cudaError_t launch_forward(const ForwardEntry* entries, int num_entries, const Launch& grid, double scale,
                            cudaStream_t stream) {
-  if (num_tiles == 0) return cudaSuccess;
-  forward_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(num_tiles), kForwardThreads, 0, stream>>>(entries, num_entries, -scale);
+  if (grid.x == 0) return cudaSuccess;
+  forward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(entries, num_entries, -scale);
   return cudaGetLastError();
 }
 
-// entries as for launch_forward (tiles = column strips); partials: double workspace with
-// the slots the entries' `partial` fields point to; reduce: num_reduce ReduceEntry.
+// entries, reduce: device copies of plan.table and plan.reduce; grid, reduce_grid:
+// plan.launch() and plan.reduce_launch(); partials: double workspace of plan.partials slots
+// (BackwardPlan, inner_sgd_launch.h).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_backward(const BackwardEntry* entries, int num_entries, int64_t num_tiles,
-                            const ReduceEntry* reduce, int num_reduce, double* partials, double scale,
+cudaError_t launch_backward(const BackwardEntry* entries, int num_entries, const Launch& grid,
+                            const ReduceEntry* reduce, const Launch& reduce_grid, double* partials, double scale,
                             cudaStream_t stream) {
-  if (num_tiles == 0) return cudaSuccess;
-  backward_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(num_tiles), kBackwardThreads, 0, stream>>>(entries, num_entries, -scale, partials);
-  if (num_reduce > 0) {
-    reduce_kernel<acc_t><<<static_cast<unsigned>(num_reduce), kReduceThreads, 0, stream>>>(reduce, -scale, partials);
+  if (grid.x == 0) return cudaSuccess;
+  backward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(entries, num_entries, -scale,
+                                                                             partials);
+  if (reduce_grid.x > 0) {
+    reduce_kernel<acc_t><<<blocks(reduce_grid), reduce_grid.threads, 0, stream>>>(reduce, -scale, partials);
   }
   return cudaGetLastError();
 }

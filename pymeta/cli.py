@@ -6,7 +6,7 @@
     pymeta eval --checkpoint runs/pymeta.pt      # reload and evaluate on held-out tasks
     pymeta bench ops|meta                        # microbenchmarks / end-to-end comparisons
     pymeta bench gpu OUT_DIR                     # the GPU readiness check (benchmarks/gpu_check.sh)
-    pymeta info                                  # versions and which op backends run here
+    pymeta info [--workload sinusoid]            # versions, op backends, which ones a workload uses
     pymeta build-ext                             # compile the C++/CUDA extension ahead of time
 """
 
@@ -127,7 +127,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("op backends:")
     for name, status in ops.backends().items():
         print(f"  {name:10s} {status}")
+    if args.workload is not None:
+        ops.reset_usage()
+        print(f"\nop calls of one meta-step of {_run_workload(args.workload)}:")
+        for op, backend, reason, calls in ops.usage():
+            print(f"  {op:21s} {backend:9s} {calls:4d}x  {reason}")
     return 0
+
+
+WORKLOADS = ("sinusoid", "conv4", "protonet")
+
+
+def _run_workload(name: str) -> str:
+    """One meta-step (forward and backward) of a standard workload on random data; its description."""
+    import torch.nn.functional as F
+
+    from pymeta import MAML, ProtoNet, models
+
+    T, N, K, Q = 4, 5, 1, 15  # 5-way 1-shot image tasks
+    labels = torch.arange(N).repeat_interleave(K).repeat(T, 1)
+    if name == "sinusoid":
+        learner = MAML(models.mlp(1, (40, 40), 1), lr=0.01, loss_fn=F.mse_loss)
+        x = torch.rand(25, 20, 1) * 10 - 5
+        learner.episode(x[:, :10], x[:, :10].sin(), x[:, 10:]).square().mean().backward()
+        return "sinusoid (second-order MAML, MLP 1-40-40-1, 25 tasks, 10 shots)"
+    images = torch.randn(T, N * (K + Q), 1, 28, 28)
+    if name == "conv4":
+        learner = MAML(models.conv4(1, N), lr=0.4, loss_fn=F.cross_entropy)
+        learner.episode(images[:, : N * K], labels, images[:, N * K :]).logsumexp(-1).mean().backward()
+        return f"conv4 (second-order MAML, {T} tasks, {N}-way {K}-shot, 28x28)"
+    learner = ProtoNet(models.conv4(1, None))
+    learner.episode(images[:, : N * K], labels, images[:, N * K :]).logsumexp(-1).mean().backward()
+    return f"protonet (conv4 encoder, {T} tasks, {N}-way {K}-shot, 28x28)"
 
 
 def cmd_build_ext(args: argparse.Namespace) -> int:
@@ -191,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions and op backends available here")
+    i.add_argument("--workload", choices=WORKLOADS,
+                   help="also run one meta-step of this workload and print which backend each op ran on, and why")
     i.set_defaults(func=cmd_info)
 
     x = sub.add_parser("build-ext", help="compile the C++ (and, with a GPU, CUDA) extension now")

@@ -31,7 +31,6 @@ cannot replay (a graph also removes the launch cost the table exists to save).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,12 +41,15 @@ from pymeta import _validate
 from pymeta.ops import _backends
 from pymeta.ops._factory import FusedOp
 
+# A table rather than functools.cache (which torch.compile warns about tracing through):
+# this runs per tensor per call, and promote_types is a dispatched op.
+_ACC = {dtype: torch.promote_types(dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                                        torch.float64)}
 
-@functools.cache
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Compute (and lr) dtype for params of ``dtype``: float32 at least, float64 kept."""
-    # Cached: this runs per tensor per call, and promote_types is a dispatched op.
-    return torch.promote_types(dtype, torch.float32)
+    return _ACC.get(dtype) or torch.promote_types(dtype, torch.float32)
 
 
 def _lr_shape_ok(rate: Tensor, param: Tensor) -> bool:

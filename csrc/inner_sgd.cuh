@@ -60,20 +60,21 @@ template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const ForwardEntry* __restrict__ entries, int num_entries, double neg_scale) {
   const int64_t tile = blockIdx.x;
   const ForwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const Shape s = e.shape;
   const auto* p = static_cast<const scalar_t*>(e.p);
   const auto* g = static_cast<const scalar_t*>(e.g);
   const auto* lr = static_cast<const acc_t*>(e.lr);
   auto* out = static_cast<scalar_t*>(e.out);
   const acc_t neg = static_cast<acc_t>(neg_scale);
-  const int64_t numel = e.rows * e.cols;
+  const int64_t numel = s.rows * s.cols;
   const int64_t begin = (tile - e.first_tile) * kForwardTile;
   for (int i = threadIdx.x; i < kForwardTile; i += kForwardThreads) {
     const int64_t idx = begin + i;
     if (idx >= numel) return;
-    const int64_t t = idx / e.cols, j = idx - t * e.cols;
+    const int64_t t = idx / s.cols, j = idx - t * s.cols;
     // (-scale * lr) * g + p: the rounding order of torch.addcmul, as the other backends.
-    const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
-    store(out + idx, load<acc_t>(p + t * e.p_rs + j) + rate * load<acc_t>(g + t * e.g_rs + j));
+    const acc_t rate = lr != nullptr ? neg * lr[t * s.lr_rs + j * s.lr_cs] : neg;
+    store(out + idx, load<acc_t>(p + t * s.p_rs + j) + rate * load<acc_t>(g + t * s.g_rs + j));
   }
 }
 
@@ -97,6 +98,7 @@ __global__ void backward_kernel(const BackwardEntry* __restrict__ entries, int n
   __shared__ double shared[kBackwardThreads / 32];
   const int64_t tile = blockIdx.x;
   const BackwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const Shape s = e.shape;
   const auto* go = static_cast<const scalar_t*>(e.go);
   const auto* g = static_cast<const scalar_t*>(e.g);
   const auto* lr = static_cast<const acc_t*>(e.lr);
@@ -104,26 +106,26 @@ __global__ void backward_kernel(const BackwardEntry* __restrict__ entries, int n
   auto* grad_lr = static_cast<acc_t*>(e.grad_lr);
   const acc_t neg = static_cast<acc_t>(neg_scale);
   const int64_t j = (tile - e.first_tile) * kBackwardThreads + threadIdx.x;
-  const bool in = j < e.cols;  // out-of-range threads still join the block sums
+  const bool in = j < s.cols;  // out-of-range threads still join the block sums
   double shared_cols = 0;      // an lr shared by every task: its gradient sums over rows
-  for (int64_t t = 0; t < e.rows; ++t) {
-    const acc_t go_tj = in ? load<acc_t>(go + t * e.go_rs + j) : acc_t(0);
+  for (int64_t t = 0; t < s.rows; ++t) {
+    const acc_t go_tj = in ? load<acc_t>(go + t * s.p_rs + j) : acc_t(0);
     if (grad_g != nullptr && in) {
-      const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
-      store(grad_g + t * e.cols + j, rate * go_tj);
+      const acc_t rate = lr != nullptr ? neg * lr[t * s.lr_rs + j * s.lr_cs] : neg;
+      store(grad_g + t * s.cols + j, rate * go_tj);
     }
     if (grad_lr == nullptr) continue;
-    const acc_t g_tj = in ? load<acc_t>(g + t * e.g_rs + j) : acc_t(0);
-    if (e.lr_cs == 0) {  // per task or per layer: one partial sum per row
+    const acc_t g_tj = in ? load<acc_t>(g + t * s.g_rs + j) : acc_t(0);
+    if (s.lr_cs == 0) {  // per task or per layer: one partial sum per row
       const double row = block_sum(static_cast<double>(go_tj) * static_cast<double>(g_tj), shared);
-      if (threadIdx.x == 0) partials[e.partial + (tile - e.first_tile) * e.rows + t] = row;
-    } else if (e.lr_rs == 0) {  // per element, shared by every task
+      if (threadIdx.x == 0) partials[e.partial + (tile - e.first_tile) * s.rows + t] = row;
+    } else if (s.lr_rs == 0) {  // per element, shared by every task
       shared_cols += static_cast<double>(go_tj) * static_cast<double>(g_tj);
     } else if (in) {  // per task and element
-      grad_lr[t * e.lr_rs + j] = neg * (go_tj * g_tj);
+      grad_lr[t * s.lr_rs + j] = neg * (go_tj * g_tj);
     }
   }
-  if (grad_lr != nullptr && e.lr_cs != 0 && e.lr_rs == 0 && in) {
+  if (grad_lr != nullptr && s.lr_cs != 0 && s.lr_rs == 0 && in) {
     grad_lr[j] = static_cast<acc_t>(neg_scale * shared_cols);
   }
 }

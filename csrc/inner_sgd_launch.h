@@ -24,13 +24,19 @@ static_assert(kBackwardThreads % kWarpSize == 0 && kBackwardThreads / kWarpSize 
 static_assert(kForwardThreads <= kMaxThreads && kBackwardThreads <= kMaxThreads && kReduceThreads <= kMaxThreads,
               "at most 1024 threads per block");
 
+// Entry k of the list as a [rows, cols] matrix with row / col strides (see csrc/inner_sgd.h);
+// p_rs is the row stride of params in the forward, of grad_outs in the backward.
+struct Shape {
+  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
+};
+
 // One tensor of the list. Pointers are untyped so a table of them is one plain array.
 struct ForwardEntry {
   const void* p;
   const void* g;
   void* out;
   const void* lr;  // null: the rate is `scale` alone
-  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
+  Shape shape;
   int64_t first_tile;
 };
 
@@ -40,7 +46,7 @@ struct BackwardEntry {
   const void* lr;  // null: no lr tensors
   void* grad_g;    // null: not needed
   void* grad_lr;   // null: not needed
-  int64_t rows, cols, go_rs, g_rs, lr_rs, lr_cs;
+  Shape shape;
   int64_t partial;  // first per-(strip, row) partial sum, or -1 when lr is not per task / per layer
   int64_t first_tile;
 };
@@ -60,13 +66,9 @@ constexpr bool plain_table(int fields) {
          sizeof(Entry) == 8 * static_cast<size_t>(fields);
 }
 static_assert(sizeof(void*) == 8, "64-bit targets only");
-static_assert(plain_table<ForwardEntry>(11) && plain_table<BackwardEntry>(13) && plain_table<ReduceEntry>(5),
+static_assert(plain_table<Shape>(6) && plain_table<ForwardEntry>(11) && plain_table<BackwardEntry>(13) &&
+                  plain_table<ReduceEntry>(5),
               "entry tables must be packed arrays of 8-byte fields");
-
-// Entry k of the list as a [rows, cols] matrix with row / col strides (see csrc/inner_sgd.h).
-struct Shape {
-  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
-};
 
 // forward_kernel: block b updates tile b - first_tile of the entry with the largest
 // first_tile <= b (tiles of kForwardTile consecutive elements of rows x cols).
@@ -75,19 +77,7 @@ struct ForwardPlan {
   int64_t tiles = 0;
 
   void add(const void* p, const void* g, void* out, const void* lr, const Shape& s) {
-    ForwardEntry e{};
-    e.p = p;
-    e.g = g;
-    e.out = out;
-    e.lr = lr;
-    e.rows = s.rows;
-    e.cols = s.cols;
-    e.p_rs = s.p_rs;
-    e.g_rs = s.g_rs;
-    e.lr_rs = s.lr_rs;
-    e.lr_cs = s.lr_cs;
-    e.first_tile = tiles;
-    table.push_back(e);
+    table.push_back(ForwardEntry{p, g, out, lr, s, tiles});
     tiles += ceil_div(s.rows * s.cols, kForwardTile);
   }
 
@@ -106,29 +96,9 @@ struct BackwardPlan {
   void add(const void* go, const void* g, const void* lr, void* grad_g, void* grad_lr, const Shape& s) {
     const int64_t strips = ceil_div(s.cols, kBackwardThreads);
     const bool reduced = grad_lr != nullptr && s.lr_cs == 0;  // per task or per layer
-    BackwardEntry e{};
-    e.go = go;
-    e.g = g;
-    e.lr = lr;
-    e.grad_g = grad_g;
-    e.grad_lr = grad_lr;
-    e.rows = s.rows;
-    e.cols = s.cols;
-    e.go_rs = s.p_rs;
-    e.g_rs = s.g_rs;
-    e.lr_rs = s.lr_rs;
-    e.lr_cs = s.lr_cs;
-    e.partial = reduced ? partials : -1;
-    e.first_tile = tiles;
-    table.push_back(e);
+    table.push_back(BackwardEntry{go, g, lr, grad_g, grad_lr, s, reduced ? partials : -1, tiles});
     if (reduced) {
-      ReduceEntry r{};
-      r.grad_lr = grad_lr;
-      r.partial = partials;
-      r.rows = s.rows;
-      r.tiles = strips;
-      r.per_task = s.lr_rs != 0 ? 1 : 0;
-      reduce.push_back(r);
+      reduce.push_back(ReduceEntry{grad_lr, partials, s.rows, strips, s.lr_rs != 0 ? 1 : 0});
       partials += strips * s.rows;
     }
     tiles += strips;

@@ -58,20 +58,20 @@ void layout() {
   using isgd::BackwardEntry;
   using isgd::ForwardEntry;
   using isgd::ReduceEntry;
+  using isgd::Shape;
+  std::vector<std::string> shape = {FIELD(Shape, rows), FIELD(Shape, cols), FIELD(Shape, p_rs),
+                                    FIELD(Shape, g_rs), FIELD(Shape, lr_rs), FIELD(Shape, lr_cs)};
   std::vector<std::string> forward = {FIELD(ForwardEntry, p), FIELD(ForwardEntry, g), FIELD(ForwardEntry, out),
-                                      FIELD(ForwardEntry, lr), FIELD(ForwardEntry, rows), FIELD(ForwardEntry, cols),
-                                      FIELD(ForwardEntry, p_rs), FIELD(ForwardEntry, g_rs),
-                                      FIELD(ForwardEntry, lr_rs), FIELD(ForwardEntry, lr_cs),
+                                      FIELD(ForwardEntry, lr), FIELD(ForwardEntry, shape),
                                       FIELD(ForwardEntry, first_tile)};
-  std::vector<std::string> backward = {
-      FIELD(BackwardEntry, go), FIELD(BackwardEntry, g), FIELD(BackwardEntry, lr), FIELD(BackwardEntry, grad_g),
-      FIELD(BackwardEntry, grad_lr), FIELD(BackwardEntry, rows), FIELD(BackwardEntry, cols),
-      FIELD(BackwardEntry, go_rs), FIELD(BackwardEntry, g_rs), FIELD(BackwardEntry, lr_rs),
-      FIELD(BackwardEntry, lr_cs), FIELD(BackwardEntry, partial), FIELD(BackwardEntry, first_tile)};
+  std::vector<std::string> backward = {FIELD(BackwardEntry, go), FIELD(BackwardEntry, g), FIELD(BackwardEntry, lr),
+                                       FIELD(BackwardEntry, grad_g), FIELD(BackwardEntry, grad_lr),
+                                       FIELD(BackwardEntry, shape), FIELD(BackwardEntry, partial),
+                                       FIELD(BackwardEntry, first_tile)};
   std::vector<std::string> reduce = {FIELD(ReduceEntry, grad_lr), FIELD(ReduceEntry, partial),
                                      FIELD(ReduceEntry, rows), FIELD(ReduceEntry, tiles),
                                      FIELD(ReduceEntry, per_task)};
-  std::cout << "{" << STRUCT(ForwardEntry, quoted_fields(forward)) << ", "
+  std::cout << "{" << STRUCT(Shape, quoted_fields(shape)) << ", " << STRUCT(ForwardEntry, quoted_fields(forward)) << ", "
             << STRUCT(BackwardEntry, quoted_fields(backward)) << ", " << STRUCT(ReduceEntry, quoted_fields(reduce))
             << ", \"constants\": {\"kForwardThreads\": " << isgd::kForwardThreads
             << ", \"kForwardTile\": " << isgd::kForwardTile << ", \"kBackwardThreads\": " << isgd::kBackwardThreads
@@ -96,8 +96,8 @@ void inner_sgd_forward(std::istream& in) {
   for (size_t i = 0; i < plan.table.size(); ++i) {
     const auto& e = plan.table[i];
     std::cout << (i ? ", " : "")
-              << row(id(e.p), id(e.g), id(e.out), id(e.lr), e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs, e.lr_cs,
-                     e.first_tile);
+              << row(id(e.p), id(e.g), id(e.out), id(e.lr), e.shape.rows, e.shape.cols, e.shape.p_rs, e.shape.g_rs,
+                     e.shape.lr_rs, e.shape.lr_cs, e.first_tile);
   }
   std::cout << "]}\n";
 }
@@ -116,8 +116,8 @@ void inner_sgd_backward(std::istream& in) {
   for (size_t i = 0; i < plan.table.size(); ++i) {
     const auto& e = plan.table[i];
     std::cout << (i ? ", " : "")
-              << row(id(e.go), id(e.g), id(e.lr), id(e.grad_g), id(e.grad_lr), e.rows, e.cols, e.go_rs, e.g_rs,
-                     e.lr_rs, e.lr_cs, e.partial, e.first_tile);
+              << row(id(e.go), id(e.g), id(e.lr), id(e.grad_g), id(e.grad_lr), e.shape.rows, e.shape.cols,
+                     e.shape.p_rs, e.shape.g_rs, e.shape.lr_rs, e.shape.lr_cs, e.partial, e.first_tile);
   }
   std::cout << "], \"reduce\": [";
   for (size_t i = 0; i < plan.reduce.size(); ++i) {

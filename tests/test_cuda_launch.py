@@ -96,11 +96,13 @@ def test_entry_tables_are_packed_arrays_of_8_byte_fields(host):
     """The launchers memcpy the tables to the device, the kernels index them as struct
     arrays: fields in declaration order, 8 bytes each, no padding (also static_asserts)."""
     (layout,) = host("layout")
-    for name in ("ForwardEntry", "BackwardEntry", "ReduceEntry"):
+    for name in ("Shape", "ForwardEntry", "BackwardEntry", "ReduceEntry"):
         struct = layout[name]
-        fields = struct["fields"]
-        assert [offset for _, offset, _ in fields] == [8 * i for i in range(len(fields))], (name, fields)
-        assert all(size == 8 for _, _, size in fields) and struct["size"] == 8 * len(fields) and struct["align"] == 8
+        ends = [0] + [offset + size for _, offset, size in struct["fields"]]
+        assert [offset for _, offset, _ in struct["fields"]] == ends[:-1], f"{name}: padding between fields"
+        assert all(size % 8 == 0 for *_, size in struct["fields"]) and struct["size"] == ends[-1], name
+        assert struct["align"] == 8, name
+    assert [size for field, _, size in layout["ForwardEntry"]["fields"] if field == "shape"] == [layout["Shape"]["size"]]
     constants = layout["constants"]
     assert constants["kForwardTile"] % constants["kForwardThreads"] == 0
     assert constants["kBackwardThreads"] % WARP == 0 and constants["kBackwardThreads"] // WARP <= WARP  # block_sum

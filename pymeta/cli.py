@@ -139,26 +139,24 @@ WORKLOADS = ("sinusoid", "conv4", "protonet")
 
 
 def _run_workload(name: str) -> str:
-    """One meta-step (forward and backward) of a standard workload on random data; its description."""
+    """One meta-step (loss and backward) of a standard workload on random data; its description."""
     import torch.nn.functional as F
 
     from pymeta import MAML, ProtoNet, models
 
-    T, N, K, Q = 4, 5, 1, 15  # 5-way 1-shot image tasks
-    labels = torch.arange(N).repeat_interleave(K).repeat(T, 1)
     if name == "sinusoid":
-        learner = MAML(models.mlp(1, (40, 40), 1), lr=0.01, loss_fn=F.mse_loss)
-        x = torch.rand(25, 20, 1) * 10 - 5
-        learner.episode(x[:, :10], x[:, :10].sin(), x[:, 10:]).square().mean().backward()
+        maml = MAML(models.mlp(1, (40, 40), 1), lr=0.01, loss_fn=F.mse_loss)
+        x = torch.rand(25, 20, 1) * 10 - 5  # 25 tasks, 10 support and 10 query points each
+        F.mse_loss(maml.episode(x[:, :10], x[:, :10].sin(), x[:, 10:]), x[:, 10:].sin()).backward()
         return "sinusoid (second-order MAML, MLP 1-40-40-1, 25 tasks, 10 shots)"
-    images = torch.randn(T, N * (K + Q), 1, 28, 28)
-    if name == "conv4":
-        learner = MAML(models.conv4(1, N), lr=0.4, loss_fn=F.cross_entropy)
-        learner.episode(images[:, : N * K], labels, images[:, N * K :]).logsumexp(-1).mean().backward()
-        return f"conv4 (second-order MAML, {T} tasks, {N}-way {K}-shot, 28x28)"
-    learner = ProtoNet(models.conv4(1, None))
-    learner.episode(images[:, : N * K], labels, images[:, N * K :]).logsumexp(-1).mean().backward()
-    return f"protonet (conv4 encoder, {T} tasks, {N}-way {K}-shot, 28x28)"
+    T, N, Q = 4, 5, 15  # 5-way 1-shot tasks with 15 queries per class
+    images, labels = torch.randn(T, N * (1 + Q), 1, 28, 28), torch.arange(N).repeat(T, 1 + Q)
+    learner = MAML(models.conv4(1, N), lr=0.4, loss_fn=F.cross_entropy) if name == "conv4" else (
+        ProtoNet(models.conv4(1, None)))
+    logits = learner.episode(images[:, :N], labels[:, :N], images[:, N:])
+    F.cross_entropy(logits.flatten(0, 1), labels[:, N:].flatten()).backward()
+    kind = "second-order MAML, conv4" if name == "conv4" else "ProtoNet, conv4 encoder"
+    return f"{name} ({kind}, {T} tasks, {N}-way 1-shot, 28x28)"
 
 
 def cmd_build_ext(args: argparse.Namespace) -> int:

@@ -110,38 +110,58 @@ def test_opcheck_forward_and_backward_ops(case: OpCase, backend: str) -> None:
                 torch.library.opcheck(op, _fresh(args, requires_grad))
 
 
-@pytest.mark.parametrize(("case", "backend"), WITH_BACKENDS)
-def test_func_grad_grad_of_grad_and_vmap(case: OpCase, backend: str) -> None:
-    inputs = case.inputs()
-    argnums = tuple(range(len(inputs)))
+def f_of(case: OpCase) -> Any:
+    """``loss`` of the case's op, and its argnums (every input)."""
+    return (lambda *xs: loss(case.fn(*xs))), tuple(range(len(case.inputs())))
 
-    def f(*xs: Tensor) -> Tensor:
-        return loss(case.fn(*xs))
+
+@pytest.mark.parametrize(("case", "backend"), WITH_BACKENDS)
+def test_func_grad(case: OpCase, backend: str) -> None:
+    inputs = case.inputs()
+    f, argnums = f_of(case)
+    with ops.force_backend(backend):
+        got = torch.func.grad(f, argnums)(*inputs)
+    assert_close("func.grad", got, exact_grads(case, inputs, 1))
+
+
+@pytest.mark.parametrize(("case", "backend"), WITH_BACKENDS)
+def test_func_grad_of_grad(case: OpCase, backend: str) -> None:
+    inputs = case.inputs()
+    f, argnums = f_of(case)
 
     def grad_norm(*xs: Tensor) -> Tensor:
         return sum(g.square().sum() for g in torch.func.grad(f, argnums)(*xs))
 
-    batched = batch(case)
     with ops.force_backend(backend):
-        grads = torch.func.grad(f, argnums)(*inputs)
-        second = torch.func.grad(grad_norm, argnums)(*inputs)
+        got = torch.func.grad(grad_norm, argnums)(*inputs)
+    assert_close("grad of grad", got, exact_grads(case, inputs, 2))
+
+
+@pytest.mark.parametrize(("case", "backend"), WITH_BACKENDS)
+def test_vmap(case: OpCase, backend: str) -> None:
+    inputs, batched = case.inputs(), batch(case)
+    with ops.force_backend(backend):
         mapped = torch.vmap(case.fn)(*batched)
         # Only the first input batched: the others are shared by every vmapped call.
         first_only = torch.vmap(case.fn, in_dims=(0, *(None,) * (len(inputs) - 1)))(batched[0], *inputs[1:])
-        mapped_grads = torch.vmap(torch.func.grad(f, argnums))(*batched)
-        grads_of_mapped = torch.func.grad(lambda *xs: loss(torch.vmap(case.fn)(*xs)), argnums)(*batched)
-    assert_close("func.grad", grads, exact_grads(case, inputs, 1))
-    assert_close("grad of grad", second, exact_grads(case, inputs, 2))
-    per_call = [(b, [x[b] for x in batched]) for b in range(len(batched[0]))]
-    for b, xs in per_call:
-        assert_close(f"vmap [{b}]", [o[b] for o in leaves(mapped)], case.exact(*xs))
+    for b in range(len(batched[0])):
+        assert_close(f"vmap [{b}]", [o[b] for o in leaves(mapped)], case.exact(*[x[b] for x in batched]))
         assert_close(f"vmap, shared inputs [{b}]", [o[b] for o in leaves(first_only)],
                      case.exact(batched[0][b], *inputs[1:]))
-        assert_close(f"vmap(grad) [{b}]", [g[b] for g in mapped_grads], exact_grads(case, xs, 1))
+
+
+@pytest.mark.parametrize(("case", "backend"), WITH_BACKENDS)
+def test_vmap_of_grad_and_grad_of_vmap(case: OpCase, backend: str) -> None:
+    batched = batch(case)
+    f, argnums = f_of(case)
+    with ops.force_backend(backend):
+        mapped_grads = torch.vmap(torch.func.grad(f, argnums))(*batched)
+        grads_of_mapped = torch.func.grad(lambda *xs: loss(torch.vmap(case.fn)(*xs)), argnums)(*batched)
+    for b in range(len(batched[0])):
+        assert_close(f"vmap(grad) [{b}]", [g[b] for g in mapped_grads], exact_grads(case, [x[b] for x in batched], 1))
     stacked = [x.detach().clone().requires_grad_() for x in batched]
-    per_b = [case.exact(*[x[b] for x in stacked]) for b in range(len(stacked[0]))]
-    want = torch.autograd.grad(sum(loss(out) for out in per_b), stacked)
-    assert_close("grad(vmap)", grads_of_mapped, want)
+    per_call = [case.exact(*[x[b] for x in stacked]) for b in range(len(stacked[0]))]
+    assert_close("grad(vmap)", grads_of_mapped, torch.autograd.grad(sum(loss(out) for out in per_call), stacked))
 
 
 def _compile_params() -> list:
@@ -160,10 +180,7 @@ def test_torch_compile_equals_eager(case: OpCase, backend: str | None) -> None:
     """A compiled loss and its gradient, and a compiled torch.func.grad (how a compiled
     meta-step takes inner gradients) and its gradient (second order), equal eager ones;
     fullgraph: the op adds no graph break. One compiled function does all four."""
-    argnums = tuple(range(len(case.inputs())))
-
-    def f(*xs: Tensor) -> Tensor:
-        return loss(case.fn(*xs))
+    f, argnums = f_of(case)
 
     def f_and_grad_norm(*xs: Tensor) -> tuple[Tensor, Tensor]:
         return f(*xs), sum(g.square().sum() for g in torch.func.grad(f, argnums)(*xs))

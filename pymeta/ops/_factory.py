@@ -33,6 +33,12 @@ Everything else is made here, once for every op::
         ...  # argument checks with clear errors (pymeta._validate)
         return _OP(query, support, scale)
 
+Export the function from ``pymeta/ops/__init__.py`` and add an ``OpCase`` to
+``tests/op_cases.py``: ``tests/test_ops.py`` then runs gradcheck, gradgradcheck,
+``opcheck``, the ``torch.func`` transforms and ``torch.compile`` on it for every backend.
+The references must return new tensors (never an input or a view of one) and mutate
+nothing; ``opcheck`` fails otherwise.
+
 What that defines:
 
 * ``pymeta::NAME``, its schema inferred from ``reference``'s type hints, and
@@ -55,7 +61,7 @@ What that defines:
   dim 0 (one kernel call for all), else the op runs once per vmapped index.
 
 Why the autograd is wired this way (measured on torch 2.13.0 and 2.14.1, CPU, with a
-one-line op; the test files per op keep checking it):
+one-line op; tests/test_ops.py keeps checking every op under every transform):
 
 * ``custom_op.register_autograd`` fails under ``torch.func.grad``, ``vmap(grad)`` and
   ``grad(vmap)`` ("In order to use an autograd.Function with functorch transforms ...
@@ -69,8 +75,10 @@ one-line op; the test files per op keep checking it):
   ``vmap(grad)``, ``grad(vmap)``, ``backward()``, double backward): an autograd kernel
   registered for the op's ``Autograd`` dispatch key that applies a single-level
   ``autograd.Function``, as functorch does for its own transform-local autograd nodes
-  (the fix proposed upstream in pytorch/pytorch pull request 184974). That uses two
-  private names, ``torch.autograd.function._SingleLevelFunction`` and
+  (the fix proposed upstream in pytorch/pytorch pull request 184974), with grad mode
+  back on inside its forward so that an enclosing ``torch.func.grad`` level records the
+  op as well (without that, grad of grad through an op's output was silently zero).
+  That uses two private names, ``torch.autograd.function._SingleLevelFunction`` and
   ``torch._functorch.utils.enable_single_level_autograd_function``; tests run every op
   under every transform, so a torch release that changes them fails loudly.
 """

@@ -90,9 +90,13 @@ def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int], list[int]], output
     input, ctx.kernel, ctx.stride = inputs
     ctx.save_for_backward(input, output[1])
     ctx.mark_non_differentiable(output[1])
+    # No zero-filled "gradient" of the indices output (an int64 tensor of the output's size).
+    ctx.set_materialize_grads(False)
 
 
-def _vjp(ctx: Any, grad_out: Tensor, _: None) -> tuple[Tensor, None, None]:
+def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, None, None]:
+    if grad_out is None:
+        return None, None, None
     input, indices = ctx.saved_tensors
     # NCHW backward (fast); differentiable in grad_out when a graph is being built,
     # so second-order meta-gradients flow through it (ATen's gather by indices).

@@ -162,10 +162,12 @@ def _proto_logits_case(metric: str) -> OpCase:
 
 def _max_pool2d_case() -> OpCase:
     # rand: distinct values, no ties (a tie is a kink that finite differences straddle).
-    # Planes >= 16 wide: the automatic choice (torch.compile test) is the C++ kernel too.
+    # Planes >= 16 wide: the automatic choice is the C++ kernel. The op itself, not
+    # ops.max_pool2d, which leaves pooling to the compiler under torch.compile (its other
+    # cases are F.max_pool2d's: tests/test_max_pool2d.py).
     return OpCase(
         "max_pool2d", lambda: (torch.rand(1, 2, 5, 17, dtype=torch.float64),),
-        lambda x: ops.max_pool2d(x, (3, 2), (2, 2)), lambda x: F.max_pool2d(x, (3, 2), (2, 2)),
+        lambda x: torch.ops.pymeta.max_pool2d(x, [3, 2], [2, 2])[0], lambda x: F.max_pool2d(x, (3, 2), (2, 2)),
         backends=("reference", "cpp"),
     )
 

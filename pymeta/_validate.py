@@ -103,6 +103,30 @@ def same_dim(names: tuple[str, str], a: Tensor, b: Tensor, dim: int, what: str) 
         )
 
 
+# What a dim letter of a layout such as "[T, Q, D]" counts, for layouts()' messages.
+DIM_NAMES = {"T": "the number of tasks T", "S": "the number of support examples S", "D": "the feature size D"}
+
+
+def layouts(named: dict[str, tuple[Tensor, str]]) -> None:
+    """Each tensor has as many dims as its layout (``{"query": (query, "[T, Q, D]")}``), and
+    dims with the same letter agree in size across tensors (``T``, ``D``, ...)."""
+    for name, (t, layout) in named.items():
+        ndim(name, t, layout.count(",") + 1, layout)
+    seen: dict[str, tuple[str, Tensor, int]] = {}
+    for name, (t, layout) in named.items():
+        for d, letter in enumerate(layout.strip("[]").split(", ")):
+            if letter not in seen:
+                seen[letter] = (name, t, d)
+                continue
+            first_name, first, first_d = seen[letter]
+            if first.shape[first_d] != t.shape[d]:
+                dims = f"dim {d}" if d == first_d else f"dims {first_d} and {d}"
+                raise ValueError(
+                    f"{first_name} and {name} must agree on {DIM_NAMES.get(letter, letter)} ({dims}): "
+                    f"{first_name} has shape {tuple(first.shape)}, {name} has shape {tuple(t.shape)}"
+                )
+
+
 def same_device(named: dict[str, Tensor]) -> torch.device:
     devices = {name: t.device for name, t in named.items()}
     first = next(iter(devices.values()))

@@ -135,10 +135,7 @@ def proto_logits(query: Tensor, protos: Tensor, metric: str = "sqeuclidean") -> 
     """
     _validate.floating("query", query)
     _validate.floating("protos", protos)
-    _validate.ndim("query", query, 3, "[T, Q, D]")
-    _validate.ndim("protos", protos, 3, "[T, N, D]")
-    _validate.same_dim(("query", "protos"), query, protos, 0, "the number of tasks T")
-    _validate.same_dim(("query", "protos"), query, protos, 2, "the feature size D")
+    _validate.layouts({"query": (query, "[T, Q, D]"), "protos": (protos, "[T, N, D]")})
     _validate.same_device({"query": query, "protos": protos})
     _validate.choice("metric", metric, METRICS)
     dtype = torch.promote_types(query.dtype, protos.dtype)

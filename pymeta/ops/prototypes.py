@@ -94,10 +94,7 @@ def prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """
     _validate.floating("support", support)
     _validate.integer("labels", labels)
-    _validate.ndim("support", support, 3, "[T, S, D]")
-    _validate.ndim("labels", labels, 2, "[T, S]")
-    _validate.same_dim(("support", "labels"), support, labels, 0, "the number of tasks T")
-    _validate.same_dim(("support", "labels"), support, labels, 1, "the number of support examples S")
+    _validate.layouts({"support": (support, "[T, S, D]"), "labels": (labels, "[T, S]")})
     _validate.same_device({"support": support, "labels": labels})
     _validate.positive_int("n_way", n_way)
     return _OP(support, labels, n_way)

@@ -241,3 +241,16 @@ def test_pymeta_info_prints_the_backend_each_op_of_a_workload_used(capsys) -> No
     assert "op calls of one meta-step of sinusoid" in out
     assert ("inner_sgd             reference    1x  at most 65536 elements on CPU: plain torch ops, cheaper than the "
             "op call") in out
+
+
+def test_layouts_check_ndim_and_dims_named_alike() -> None:
+    """pymeta._validate.layouts, the ops' shape checks: a letter may sit at other positions."""
+    from pymeta import _validate
+
+    a, b = torch.zeros(2, 3, 4), torch.zeros(4, 2)
+    _validate.layouts({"a": (a, "[T, Q, D]"), "b": (b, "[D, T]")})
+    with pytest.raises(ValueError, match=r"b must have 2 dims \[D, T\], got shape \(4,\)"):
+        _validate.layouts({"a": (a, "[T, Q, D]"), "b": (torch.zeros(4), "[D, T]")})
+    with pytest.raises(ValueError, match=r"a and b must agree on the feature size D \(dims 2 and 0\): "
+                                         r"a has shape \(2, 3, 4\), b has shape \(5, 2\)"):
+        _validate.layouts({"a": (a, "[T, Q, D]"), "b": (torch.zeros(5, 2), "[D, T]")})

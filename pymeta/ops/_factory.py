@@ -244,14 +244,19 @@ def _differentiable_backward(op: Any, reference: Callable[..., Any]) -> Callable
 
 
 class _Layout:
-    """Where the tensors of an op's arguments are: Function.apply takes a flat tensor tuple."""
+    """Function.apply tracks tensors only among its own arguments, not inside lists: an op
+    with ``Tensor[]`` arguments passes them flattened, with a spec to rebuild the lists.
+    An op without (spec None) passes its arguments as they are."""
 
     def __init__(self, op: Any) -> None:
         self.kinds = tuple(_kind(a.type) for a in op._schema.arguments)
+        self.has_lists = "list" in self.kinds
         self.list_output = len(op._schema.returns) == 1 and _kind(op._schema.returns[0].type) == "list"
 
-    def flatten(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Tensor]]:
-        """``(spec, tensors)``: spec holds the non-tensor arguments and the list lengths."""
+    def flatten(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...] | None, Sequence[Any]]:
+        """``(spec, flat)``: spec holds the non-tensor arguments and the list lengths."""
+        if not self.has_lists:
+            return None, args
         spec, tensors = [], []
         for kind, arg in zip(self.kinds, args, strict=True):
             if kind == "list":
@@ -264,22 +269,26 @@ class _Layout:
                 spec.append(arg)
         return tuple(spec), tensors
 
-    def unflatten(self, spec: tuple[Any, ...], tensors: Sequence[Any], value: Any = None) -> tuple[Any, ...]:
+    def unflatten(self, spec: tuple[Any, ...] | None, flat: Sequence[Any], value: Any = None) -> tuple[Any, ...]:
         """The arguments back from :meth:`flatten` (non-tensor ones replaced by ``value`` if given)."""
+        if spec is None:
+            return tuple(flat)
         args, i = [], 0
         for kind, item in zip(self.kinds, spec, strict=True):
             if kind == "list":
-                args.append(list(tensors[i : i + item]))
+                args.append(list(flat[i : i + item]))
                 i += item
             elif kind == "tensor":
-                args.append(tensors[i])
+                args.append(flat[i])
                 i += 1
             else:
                 args.append(item if value is None else value)
         return tuple(args)
 
-    def flat_grads(self, spec: tuple[Any, ...], grads: tuple[Any, ...]) -> list[Tensor | None]:
-        """The per-tensor gradients of ``grads`` (one per argument, a list or None for lists)."""
+    def flat_grads(self, spec: tuple[Any, ...] | None, grads: tuple[Any, ...]) -> Sequence[Tensor | None]:
+        """The gradients of the flat arguments from ``grads`` (one per argument, a list or None for lists)."""
+        if spec is None:
+            return grads
         flat: list[Tensor | None] = []
         for kind, item, grad in zip(self.kinds, spec, grads, strict=True):
             if kind == "list":
@@ -303,18 +312,18 @@ class _Autograd:
         self.op = op
         self.layout = layout = _Layout(op)
 
-        def forward(spec: tuple[Any, ...], keyset: DispatchKeySet, *tensors: Tensor) -> Any:
+        def forward(spec: tuple[Any, ...] | None, keyset: DispatchKeySet, *flat: Any) -> Any:
             # apply() turned grad mode off; back on, as in a C++ op's autograd kernel, so
             # that an enclosing torch.func.grad level records the op too (grad of grad).
             with torch.enable_grad():
-                out = _below_autograd(op, keyset, layout.unflatten(spec, tensors))
+                out = _below_autograd(op, keyset, layout.unflatten(spec, flat))
             return tuple(out) if layout.list_output else out
 
         def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-            spec, _, *tensors = inputs
+            spec, _, *flat = inputs
             ctx.spec = spec
             ctx.needs_input_grad = layout.unflatten(spec, ctx.needs_input_grad[2:], value=False)
-            setup_context(ctx, layout.unflatten(spec, tensors), list(output) if layout.list_output else output)
+            setup_context(ctx, layout.unflatten(spec, flat), list(output) if layout.list_output else output)
 
         def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
             result = vjp(ctx, list(grads)) if layout.list_output else vjp(ctx, *grads)
@@ -328,7 +337,7 @@ class _Autograd:
     def __call__(self, keyset: DispatchKeySet, *args: Any) -> Any:
         if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
             return _below_autograd(self.op, keyset, args)
-        spec, tensors = self.layout.flatten(args)
+        spec, flat = self.layout.flatten(args)
         with enable_single_level_autograd_function():
-            out = self.function.apply(spec, keyset, *tensors)
+            out = self.function.apply(spec, keyset, *flat)
         return list(out) if self.layout.list_output else out

@@ -18,6 +18,14 @@ Forward of ``[75, 64, 28, 28]``, 1 thread (``benchmarks/bench_max_pool2d.py``): 
 trip is already slightly faster (1.27 vs 1.37 ms) and at 7x7 clearly (0.17 vs 0.53 ms:
 a short plane is too short a loop), hence :data:`CPP_MIN_WIDTH`.
 
+As a custom op (for ``torch.compile``'s fake tensors, a vmap rule, ``opcheck`` and the
+backend record of :func:`pymeta.ops.usage`) it costs a fixed ~40 us more per forward call
+and ~100 us more per forward + backward than the plain ``autograd.Function`` it replaced
+(the dispatcher and two Python kernels; 1 thread, tiny planes, thread CPU time). On conv4
+activations that is noise: ``[75, 64, 28, 28]`` forward + backward 0.97x the old time, a
+conv4 second-order MAML meta-step (8 tasks, ``lowered``) 1.03x with a +-7% spread between
+runs (old and new trees alternated, 4 runs each).
+
 Used by the ``"loop"`` and ``"lowered"`` strategies for CPU tensors (see
 :mod:`pymeta.core.norms`, :mod:`pymeta.core.lowered`); any case outside the fast path
 (padding, dilation, ceil_mode, non-4-D, GPU, returned indices) calls ``F.max_pool2d``.

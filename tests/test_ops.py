@@ -179,22 +179,26 @@ def _compile_params() -> list:
 def test_torch_compile_equals_eager(case: OpCase, backend: str | None) -> None:
     """A compiled loss and its gradient, and a compiled torch.func.grad (how a compiled
     meta-step takes inner gradients) and its gradient (second order), equal eager ones;
-    fullgraph: the op adds no graph break. One compiled function does all four."""
+    fullgraph: the op adds no graph break; a second call does not recompile. One compiled
+    function does all four."""
     f, argnums = f_of(case)
 
     def f_and_grad_norm(*xs: Tensor) -> tuple[Tensor, Tensor]:
         return f(*xs), sum(g.square().sum() for g in torch.func.grad(f, argnums)(*xs))
 
+    def value_and_grads(run: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        xs = [x.clone().requires_grad_() for x in inputs]
+        value, grad_norm = run(*xs)
+        return value, grad_norm, *torch.autograd.grad(value, xs, retain_graph=True), *torch.autograd.grad(grad_norm, xs)
+
     torch._dynamo.reset()  # every case compiles the same code objects: start from no cache
-    inputs = case.inputs()
-    results = []
+    compiled = torch.compile(f_and_grad_norm, fullgraph=True)
     with ops.force_backend(backend):
-        for run in (f_and_grad_norm, torch.compile(f_and_grad_norm, fullgraph=True)):
-            xs = [x.clone().requires_grad_() for x in inputs]
-            value, grad_norm = run(*xs)
-            results.append((value, grad_norm, *torch.autograd.grad(value, xs, retain_graph=True),
-                            *torch.autograd.grad(grad_norm, xs)))
-    assert_close("compiled", results[1], results[0])
+        for call in range(2):  # new inputs of the same shapes: no recompile
+            inputs = case.inputs()
+            with torch.compiler.set_stance("fail_on_recompile" if call else "default"):
+                got = value_and_grads(compiled, inputs)
+            assert_close(f"compiled, call {call}", got, value_and_grads(f_and_grad_norm, inputs))
 
 
 def _record(fn: Any) -> list[tuple[str, str, str, int]]:

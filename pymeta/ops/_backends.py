@@ -184,8 +184,8 @@ def record(op: str, backend: str, reason: str) -> None:
 def usage() -> list[tuple[str, str, str, int]]:
     """``(op, backend, why, calls)`` for every op call of this process since :func:`reset_usage`.
 
-    Calls under ``torch.compile`` count when the compiled code runs an op's kernel; a
-    call that skips the op (small CPU ``inner_sgd``) counts when traced.
+    Under ``torch.compile`` a call counts when the compiled code runs an op's kernel; a
+    call that skips the op (small CPU ``inner_sgd``) is traced into the graph and not counted.
     """
     return [(op, backend, reason, n) for (op, backend, reason), n in sorted(_usage.items())]
 

@@ -270,7 +270,8 @@ def inner_sgd(
     rates, scale = _lr_list(lr, params)
     if _composite_is_faster(params):
         _check(params, grads, rates)
-        _backends.record("inner_sgd", "reference", _COMPOSITE)
+        if not torch.compiler.is_compiling():  # traced, a count would be a guard: a recompile per call
+            _backends.record("inner_sgd", "reference", _COMPOSITE)
         return reference_forward(params, grads, rates, scale)
     return _OP(params, grads, rates, scale)
 

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -58,6 +59,10 @@ Sizes check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w
   return s;
 }
 
+// at::parallel_for grain: items per thread for about 32K elements of work each, so small
+// calls run serially instead of paying for a parallel region.
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+
 // [T, C] as contiguous doubles (the per-channel parameters are few).
 std::vector<double> per_channel(const at::Tensor& p) {
   const at::Tensor d = p.to(at::kDouble).contiguous();
@@ -79,7 +84,7 @@ void statistics(const scalar_t* a, const scalar_t* b, const Sizes& s, const std:
     }
     return;
   }
-  at::parallel_for(0, s.T * s.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.T * s.C, grain((s.N + s.Q) * s.HW), [&](int64_t begin, int64_t end) {
     std::vector<double> abar(s.HW), bbar(s.HW), spread(s.HW);
     for (int64_t tc = begin; tc < end; ++tc) {
       const int64_t t = tc / s.C, c = tc % s.C;
@@ -135,7 +140,7 @@ void forward_kernel(const at::Tensor& a_t, const at::Tensor& b_t, const std::vec
   const scalar_t* b = b_t.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   // One (task, query, class) pair per iteration: C * HW contiguous outputs.
-  at::parallel_for(0, s.T * s.Q * s.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.T * s.Q * s.N, grain(s.C * s.HW), [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t t = pair / (s.Q * s.N), q = pair / s.N % s.Q, n = pair % s.N;
       for (int64_t c = 0; c < s.C; ++c) {
@@ -186,7 +191,7 @@ void backward_kernel(const at::Tensor& g_t, const at::Tensor& a_t, const at::Ten
   scalar_t* ga = ga_t.mutable_data_ptr<scalar_t>();
   scalar_t* gb = gb_t.mutable_data_ptr<scalar_t>();
   const double M = static_cast<double>(s.Q * s.N * s.HW);
-  at::parallel_for(0, s.T * s.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.T * s.C, grain(s.Q * s.N * s.HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> G(s.N * s.HW), H(s.Q * s.HW);
     std::vector<double> a_sum(s.HW), b_sum(s.HW);
     for (int64_t tc = begin; tc < end; ++tc) {

@@ -1,13 +1,15 @@
 """pymeta's fused ops: one autograd-aware custom op per file, four backends each.
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
-(per-task class means) and ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary). ``backends()`` says which backends run here and why the others do not.
+(per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
+temporary) and ``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over
+every (query, class) pair, no ``[Q * N, 2C, H, W]`` pairs). ``backends()`` says which backends run here and why the others do not.
 """
 
 from pymeta.ops._backends import backends, force_backend
 from pymeta.ops.inner_sgd import inner_sgd
 from pymeta.ops.proto_logits import proto_logits
 from pymeta.ops.prototypes import prototypes
+from pymeta.ops.relation_pairs import relation_pairs
 
-__all__ = ["backends", "force_backend", "inner_sgd", "proto_logits", "prototypes"]
+__all__ = ["backends", "force_backend", "inner_sgd", "proto_logits", "prototypes", "relation_pairs"]

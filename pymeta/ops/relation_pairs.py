@@ -191,10 +191,8 @@ class _RelationPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         args = (grad, *ctx.saved_tensors, ctx.eps)
-        if torch.is_grad_enabled():  # create_graph: the backward itself must be differentiable
-            grads = reference_backward(*args)
-        else:
-            grads = _backward_op(*args)
+        # create_graph: the backward itself must be differentiable
+        grads = reference_backward(*args) if torch.is_grad_enabled() else _backward_op(*args)
         return (*grads, None, None, None)  # running statistics are buffers: no gradient
 
 

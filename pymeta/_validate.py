@@ -136,7 +136,7 @@ def positive_float(name: str, value: object, allow_zero: bool = False) -> float:
     return float(value)
 
 
-_CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+_CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss", "relation_mse_loss")
 # Losses that compare prediction and target element by element (and would broadcast
 # mismatched shapes into a silently wrong loss).
 _ELEMENTWISE_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")

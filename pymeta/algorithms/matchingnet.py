@@ -116,7 +116,8 @@ class MatchingNet(MetricLearner, cli=("matchingnet",)):
             )
         if self.fce:
             self._check_fce_modules()
-            support, query = self._support_context(support), self._query_context(query, support)
+            support = self._support_context(support)
+            query = self._query_context(query, support)  # attends over the contextual support
         attention = torch.softmax(query @ F.normalize(support, dim=-1).mT, dim=-1)  # [T, Q, S]
         one_hot = (support_y.unsqueeze(-1) == torch.arange(n_way, device=support_y.device)).to(attention.dtype)
         return (attention @ one_hot + LOG_EPS).log()

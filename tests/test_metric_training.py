@@ -133,3 +133,26 @@ def test_pymeta_train_relationnet_and_resume(tmp_path):
     ce_config = config(tmp_path, "relationnet-ce", "ce", 1).resolved()
     ce = pymeta.RelationNet.from_config(ce_config, training.build(ce_config)[1])
     assert ce.loss == "cross_entropy" and ce.fused
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_compiled_loss_equals_eager(algo):
+    """``torch.compile`` of the meta-loss, forward and backward (backend aot_eager, as
+    tests/test_compile.py): one graph for RelationNet with ``n_way`` given; MatchingNet's
+    ``nn.LSTM`` is a graph break (Dynamo does not trace RNN modules by default)."""
+    torch._dynamo.reset()
+    learner = build(algo)
+    learner.n_way = 3
+    params = list(learner.parameters())
+    ep = batch(3, seed=4)
+    loss_fn = learner.query_loss(ep.support_y)
+
+    def step(sx, sy, qx, qy):
+        return loss_fn(learner.episode(sx, sy, qx).flatten(0, 1), qy.flatten())
+
+    eager = step(*ep)
+    expected = torch.autograd.grad(eager, params)
+    loss = torch.compile(step, backend="aot_eager", fullgraph=algo == "relationnet")(*ep)
+    torch.testing.assert_close(loss, eager, rtol=1e-12, atol=0)
+    assert relative_error(list(torch.autograd.grad(loss, params)), list(expected)) < 1e-10
+    torch._dynamo.reset()

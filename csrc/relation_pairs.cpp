@@ -69,6 +69,16 @@ std::vector<double> per_channel(const at::Tensor& p) {
   return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
 }
 
+// out[i] = sum_j x[t, j, c, i] over the `count` rows (classes or queries) of task t.
+template <typename scalar_t>
+void side_sums(const scalar_t* x, int64_t t, int64_t count, int64_t c, const Sizes& s, std::vector<double>& out) {
+  std::fill(out.begin(), out.end(), 0.0);
+  for (int64_t j = 0; j < count; ++j) {
+    const scalar_t* row = x + ((t * count + j) * s.C + c) * s.HW;
+    for (int64_t i = 0; i < s.HW; ++i) out[i] += static_cast<double>(row[i]);
+  }
+}
+
 // mean[t * C + c] and invstd[t * C + c]: batch statistics per task, or the running ones.
 template <typename scalar_t>
 void statistics(const scalar_t* a, const scalar_t* b, const Sizes& s, const std::optional<at::Tensor>& running_mean,
@@ -88,17 +98,9 @@ void statistics(const scalar_t* a, const scalar_t* b, const Sizes& s, const std:
     std::vector<double> abar(s.HW), bbar(s.HW), spread(s.HW);
     for (int64_t tc = begin; tc < end; ++tc) {
       const int64_t t = tc / s.C, c = tc % s.C;
-      std::fill(abar.begin(), abar.end(), 0.0);
-      std::fill(bbar.begin(), bbar.end(), 0.0);
+      side_sums(a, t, s.N, c, s, abar);
+      side_sums(b, t, s.Q, c, s, bbar);
       std::fill(spread.begin(), spread.end(), 0.0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        const scalar_t* row = a + ((t * s.N + n) * s.C + c) * s.HW;
-        for (int64_t i = 0; i < s.HW; ++i) abar[i] += static_cast<double>(row[i]);
-      }
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const scalar_t* row = b + ((t * s.Q + q) * s.C + c) * s.HW;
-        for (int64_t i = 0; i < s.HW; ++i) bbar[i] += static_cast<double>(row[i]);
-      }
       double total = 0.0;
       for (int64_t i = 0; i < s.HW; ++i) {
         abar[i] /= static_cast<double>(s.N);
@@ -238,16 +240,8 @@ void backward_kernel(const at::Tensor& g_t, const at::Tensor& a_t, const at::Ten
       }
       // Train mode: subtract the gradient through the task's mean and variance.
       const double mu1 = sum1 / M, mu2 = sum2 / M, md = mean[tc], id = invstd[tc];
-      std::fill(a_sum.begin(), a_sum.end(), 0.0);
-      std::fill(b_sum.begin(), b_sum.end(), 0.0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        const scalar_t* ra = a + ((t * s.N + n) * s.C + c) * s.HW;
-        for (int64_t i = 0; i < s.HW; ++i) a_sum[i] += static_cast<double>(ra[i]);
-      }
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const scalar_t* rb = b + ((t * s.Q + q) * s.C + c) * s.HW;
-        for (int64_t i = 0; i < s.HW; ++i) b_sum[i] += static_cast<double>(rb[i]);
-      }
+      side_sums(a, t, s.N, c, s, a_sum);
+      side_sums(b, t, s.Q, c, s, b_sum);
       const double Qd = static_cast<double>(s.Q), Nd = static_cast<double>(s.N);
       for (int64_t n = 0; n < s.N; ++n) {
         const scalar_t* ra = a + ((t * s.N + n) * s.C + c) * s.HW;

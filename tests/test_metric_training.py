@@ -19,12 +19,12 @@ from pymeta.data import Episode
 ALGOS = ("relationnet", "matchingnet")
 
 
-def build(algo: str) -> pymeta.algorithms.Learner:
+def build(algo: str, strategy: str = "loop") -> pymeta.algorithms.Learner:
     """A small float64 learner with BatchNorm, identical in every process (seeded)."""
     torch.manual_seed(0)
     if algo == "relationnet":
-        return pymeta.RelationNet(conv_maps(4), 4, strategy="loop").double()
-    return pymeta.MatchingNet(nn.Sequential(conv_maps(2), nn.Flatten()), 32, strategy="loop").double()
+        return pymeta.RelationNet(conv_maps(4), 4, strategy=strategy).double()
+    return pymeta.MatchingNet(nn.Sequential(conv_maps(2), nn.Flatten()), 32, strategy=strategy).double()
 
 
 def batch(tasks: int, seed: int) -> Episode:
@@ -58,9 +58,10 @@ def test_train_step_uses_the_learners_own_loss(algo):
         assert ce.query_loss(ep.support_y) is F.cross_entropy
 
 
+@pytest.mark.parametrize("strategy", ["loop", "lowered"])  # per-task losses: a loop, or vmap
 @pytest.mark.parametrize("algo", ALGOS)
-def test_meta_loss_task_chunks_are_exact(algo):
-    learner = build(algo)
+def test_meta_loss_task_chunks_are_exact(algo, strategy):
+    learner = build(algo, strategy)
     ep = batch(5, seed=2)
     expected = per_task_mean_loss(learner, ep)
     params = list(learner.parameters())

@@ -449,7 +449,7 @@ def resume_state(path: str | Path, config: TrainConfig) -> dict[str, Any]:
     pymeta) or a config that differs in anything but :data:`RUN_FIELDS`.
     """
     payload = checkpoint.load(path)
-    missing = sorted({"optimizer", "data", "rng", "strategies", "running", "step"} - set(payload))
+    missing = sorted({"model", "optimizer", "data", "rng", "strategies", "running", "step"} - set(payload))
     if missing:
         raise checkpoint.CheckpointError(f"checkpoint {path} has no training state to resume from (missing {missing})")
     saved = TrainConfig.from_checkpoint(payload, path).to_dict()
@@ -475,12 +475,16 @@ def load_model(learner: nn.Module, state: Mapping[str, Tensor], path: str | Path
 
 
 def _rng_state() -> dict[str, Any]:
-    """The global RNG states (torch CPU and CUDA, numpy, python) for a checkpoint."""
+    """The global RNG states (torch CPU and CUDA, numpy, python) as tensors and numbers,
+    which a checkpoint stores and loads without unpickling arbitrary objects."""
+    np_kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": np_kind, "key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
     }
 
 
@@ -488,8 +492,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss"]))
 
 
 def evaluate_test(
@@ -535,6 +542,8 @@ def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module
     config = TrainConfig.from_checkpoint(payload, path)
     if device is not None:
         config.device = device
+    if "model" not in payload:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds no model weights (no 'model' entry)")
     learner, spec = build(config)
     load_model(learner, payload["model"], path)
     return learner, spec, config

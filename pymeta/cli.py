@@ -133,7 +133,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_build_ext(args: argparse.Namespace) -> int:
     from pymeta.ops import _extension
 
-    print("building pymeta's C++/CUDA extensions (first build takes about a minute) ...", flush=True)
     failed = False
     for name, reason in _extension.build(verbose=args.verbose).items():
         print(f"  {name:5s} {'built and loaded' if reason is None else 'not built: ' + reason}")

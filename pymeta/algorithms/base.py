@@ -93,6 +93,10 @@ class Learner(nn.Module):
         """The outer loss :meth:`meta_loss` uses by default."""
         return default_loss(support_y)
 
+    def _check_targets(self, pred: Tensor, query_y: Tensor, loss_fn: LossFn) -> None:
+        """Check ``query_y`` against the predictions ``pred: [T, Q, ...]`` for ``loss_fn``."""
+        _validate.targets("query_y", pred, query_y, loss_fn)
+
     @property
     def inner_steps(self) -> int | None:
         """Inner SGD steps per task (None: this learner does not adapt by steps)."""
@@ -156,7 +160,7 @@ class Learner(nn.Module):
 
         def task_loss_sum(tasks: slice) -> Tensor:
             pred = predict(tasks)
-            _validate.targets("query_y", pred, query_y[tasks], loss_fn)
+            self._check_targets(pred, query_y[tasks], loss_fn)
             return TaskBatched.losses(loss_fn, pred, query_y[tasks], strategy).sum()
 
         chunk = self.task_chunk if task_chunk is None else task_chunk
@@ -173,6 +177,7 @@ class Learner(nn.Module):
         if self.task_chunk is not None:
             return self.meta_loss(support_x, support_y, query_x, query_y, loss_fn=loss_fn)
         pred = self.episode(support_x, support_y, query_x)
+        self._check_targets(pred, query_y, loss_fn)
         return loss_fn(pred.flatten(0, 1), query_y.flatten(0, 1))
 
     # ---------------------------------------------------------------- training hooks

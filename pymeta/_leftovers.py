@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
 
+TAG_PATTERN = r"\d+@[A-Za-z0-9-]+"  # an owner_tag, for the patterns of leftover names
 _TAG = re.compile(r"(\d+)@([A-Za-z0-9-]+)")
 
 
@@ -41,9 +43,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-TAG_PATTERN = r"\d+@[A-Za-z0-9-]+"  # an owner_tag, for the patterns of leftover names
-
-
 def owner_gone(tag: str) -> bool:
     """True when ``tag`` is an :func:`owner_tag` of this host whose process is gone.
 
@@ -56,3 +55,14 @@ def owner_gone(tag: str) -> bool:
 def age(path: Path) -> float:
     """Seconds since ``path`` was last modified."""
     return time.time() - path.stat().st_mtime
+
+
+def remove_stale_folders(root: Path, prefix: str) -> list[Path]:
+    """Remove the folders ``root/<prefix><owner_tag>-<anything>`` whose owner is gone; return them."""
+    removed = []
+    for folder in root.glob(f"{prefix}*"):
+        tag = folder.name[len(prefix):].rsplit("-", 1)[0]
+        if folder.is_dir() and owner_gone(tag):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

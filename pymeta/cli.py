@@ -40,7 +40,7 @@ def _per_data(name: str) -> str:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = training.TrainConfig()
-    p.add_argument("--algo", default=defaults.algo, choices=list(training.LEARNERS),
+    p.add_argument("--algo", default=defaults.algo, choices=sorted(training.LEARNERS),
                    help="meta-learning algorithm (default: %(default)s)")
     p.add_argument("--data", default=defaults.data, metavar="{sinusoid,glyphs,folder:PATH}",
                    help="task family: sinusoid (regression, MAML paper), glyphs (offline Omniglot-like "

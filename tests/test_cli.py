@@ -48,7 +48,7 @@ def test_eval_reports_missing_and_corrupt_checkpoints(tmp_path, capsys):
 
 SINUSOID = ["--algo", "maml", "--data", "sinusoid"]
 BAD_OPTIONS = [
-    (["--algo", "nope"], "argument --algo: invalid choice: 'nope' (choose from 'maml', 'fomaml'"),
+    (["--algo", "nope"], "argument --algo: invalid choice: 'nope' (choose from 'anil', 'finetune'"),
     (["--data", "mnist"], "data must be one of ['folder', 'glyphs', 'sinusoid'] or folder:PATH, got 'mnist'"),
     ([*SINUSOID, "--iterations", "0"], "--iterations must be >= 1, got 0"),
     ([*SINUSOID, "--iterations", "-3"], "--iterations must be >= 1, got -3"),
@@ -88,7 +88,7 @@ def test_bad_options_are_one_line_errors_before_any_training(tmp_path, capsys, o
 def test_train_help_lists_the_choices_and_every_default(capsys):
     assert run("train", "--help") == 0
     text = capsys.readouterr().out
-    assert "{maml,fomaml,metasgd,anil,reptile,protonet,finetune}" in text
+    assert "{anil,finetune,fomaml,maml,metasgd,protonet,reptile}" in text
     assert "{sinusoid,glyphs,folder:PATH}" in text
     for action in cli.parser()._subparsers._group_actions[0].choices["train"]._actions:
         if action.dest != "help":

@@ -122,7 +122,11 @@ class ProtoNet(Learner, cli=("protonet",)):
         class above every support label would otherwise fail as an index error."""
         if self.n_way is None and _validate.is_classification_loss(loss_fn) and pred.dim() == 3:
             n_way = pred.shape[-1]
-            _validate.value_check(lambda: _query_classes_have_prototypes(query_y, n_way), query_y)
+            _validate.value_check(
+                lambda: _query_classes_have_prototypes(query_y, n_way), query_y, ok=lambda: (query_y < n_way).all(),
+                message=f"query_y must hold only classes with support examples: ProtoNet took N = {n_way} classes "
+                        "from support_y (its largest label + 1)",
+            )
         super()._check_targets(pred, query_y, loss_fn)
 
     def capture_blockers(self) -> list[str]:

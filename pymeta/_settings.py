@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-# Algorithms that classify (prototypes of classes; a classifier pre-trained on classes).
-CLASSIFIERS = ("protonet", "finetune")
 # Data families of regression tasks: one function per task, no classes (no --ways).
 REGRESSION_DATA = ("sinusoid",)
 
@@ -29,11 +27,12 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check(values: Mapping[str, Any], kind: str) -> None:
-    """Check the resolved settings ``values`` of a run on data family ``kind``."""
+def check(values: Mapping[str, Any], kind: str, tasks: tuple[str, ...]) -> None:
+    """Check the resolved settings ``values`` of a run on data family ``kind``, for an
+    algorithm that learns the task families ``tasks`` (``Learner.cli_tasks``)."""
     algo = values["algo"]
     if kind in REGRESSION_DATA:
-        if algo in CLASSIFIERS:
+        if "regression" not in tasks:
             raise ValueError(
                 f"--algo {algo} classifies, but --data {kind} is a regression family (each task is a function "
                 "to fit, there are no classes): use --data glyphs or folder:PATH, or another --algo"
@@ -43,6 +42,8 @@ def check(values: Mapping[str, Any], kind: str) -> None:
                 f"--ways does not apply to --data {kind}, a regression family (each task is one function); "
                 "leave it out"
             )
+    elif "classification" not in tasks:
+        raise ValueError(f"--algo {algo} fits regression tasks, but --data {kind} holds classification tasks")
     elif _integer("ways", values["ways"]) < 2:
         raise ValueError(f"--ways must be >= 2 (a task tells N classes apart), got {values['ways']}")
     for name, low in _INTEGERS:

@@ -116,7 +116,7 @@ class TrainConfig:
             values["eval_inner_steps"] = values["inner_steps"]
         if values["val_every"] is None and isinstance(values["iterations"], int):
             values["val_every"] = max(1, values["iterations"] // 10)
-        _settings.check(values, kind)
+        _settings.check(values, kind, LEARNERS[self.algo].cli_tasks)
         return TrainConfig(**values)
 
     def _check_cuda_graph(self) -> None:

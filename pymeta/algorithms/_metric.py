@@ -33,6 +33,7 @@ class MetricLearner(Learner):
     """
 
     cli_options = frozenset({"task_chunk"})
+    cli_tasks = ("classification",)
 
     def __init__(
         self, encoder: nn.Module, *, batch_stats: str, strategy: str, n_way: int | None, task_chunk: int | None

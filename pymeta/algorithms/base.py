@@ -21,8 +21,9 @@ learner only through the members below, so a new algorithm is one file:
   CUDA graph nor a ``fullgraph`` compile can hold.
 * For the ``pymeta`` command: ``class X(Learner, cli=("name",))`` registers the class in
   :data:`LEARNERS`; :meth:`from_config` builds it from a run's config, and
-  :meth:`training_batches`, ``cli_defaults`` and ``cli_options`` say what it trains on,
-  its default settings per data set and which optional settings it honours.
+  :meth:`training_batches`, ``cli_defaults``, ``cli_options`` and ``cli_tasks`` say what
+  it trains on, its default settings per data set, which optional settings it honours
+  and which task families (classification, regression) it learns.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class Learner(nn.Module):
     cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # Which of CLI_OPTIONS ``from_config`` passes on (others are refused by the command).
     cli_options: ClassVar[frozenset[str]] = frozenset()
+    # The task families it learns: the command refuses data of another before anything runs.
+    cli_tasks: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def __init_subclass__(cls, cli: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

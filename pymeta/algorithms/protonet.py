@@ -61,6 +61,7 @@ class ProtoNet(Learner, cli=("protonet",)):
     """
 
     cli_options = frozenset({"task_chunk", "cuda_graph"})
+    cli_tasks = ("classification",)
 
     def __init__(
         self,

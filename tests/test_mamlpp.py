@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 import pymeta
+from pymeta import checkpoint, cli, models, training
 from pymeta.algorithms.mamlpp import importance_vector
 
 STRATEGIES = ["lowered", "vmap", "loop"]
@@ -163,6 +164,25 @@ def test_chunked_meta_loss_and_episode():
     torch.testing.assert_close(per_task_sum(F.cross_entropy, pred, qy) / 5, expected, rtol=1e-12, atol=0)
 
 
+def test_compiled_multi_step_loss_equals_eager():
+    """``torch.compile(fullgraph=True)`` of the multi-step loss (lowered, train mode: the
+    recorded statistics update buffers inside the graph); aot_eager keeps it fast."""
+    torch._dynamo.reset()
+    eager, compiled = make("lowered"), make("lowered")
+    compiled.load_state_dict(eager.state_dict())
+    episode = classification_episode()
+    expected = torch.autograd.grad(eager.meta_loss(*episode), wrt(eager), allow_unused=True)
+    loss = torch.compile(compiled.meta_loss, backend="aot_eager", fullgraph=True)(*episode)
+    grads = torch.autograd.grad(loss, wrt(compiled), allow_unused=True)
+    assert [g is None for g in grads] == [e is None for e in expected]
+    err = relative_error([g for g in grads if g is not None], [e for e in expected if e is not None])
+    print(f"compiled vs eager meta-gradient: relative error {err:.2e}")
+    assert err < 1e-10
+    for (name, a), b in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
+    torch._dynamo.reset()
+
+
 def test_all_options_off_is_maml():
     episode = classification_episode()
     model = conv_bn().double()
@@ -227,8 +247,7 @@ def test_state_dict_holds_per_step_tensors_and_the_epoch():
     other.load_state_dict(learner.state_dict())
     assert other.epoch == 3 and other.step_lrs.shape == (3, 6)  # 2 convs and a linear layer, BatchNorm not
     for (name, a), b in zip(learner.state_dict().items(), other.state_dict().values(), strict=True):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), name
+        assert torch.equal(a, b), name
     other.set_progress(1, 10)  # the epoch never goes back
     assert other.epoch == 3
     other.set_progress(8, 10)
@@ -279,3 +298,60 @@ def test_a_norm_layer_that_cannot_be_per_step_is_a_clear_error(layer):
     pymeta.MAMLpp(model, lr=0.1, steps=2, per_step_bn_stats=False, per_step_bn_weights=False)
     with pytest.raises(NotImplementedError, match=r"use pymeta\.MAML for learn2learn's API"):
         pymeta.MAMLpp(mlp(), lr=0.1, steps=2).clone()
+
+
+# ------------------------------------------------------------------ pymeta train
+# (sharded training, per-step statistics included: tests/test_distributed.py)
+def glyphs_config(tmp_path, name: str, **overrides) -> training.TrainConfig:
+    """A tiny glyphs run (BatchNorm, so per-step statistics are trained)."""
+    settings = dict(algo="mamlpp", data="glyphs", ways=2, shots=1, queries=1, meta_batch=3, iterations=4,
+                    inner_steps=2, val_every=2, val_episodes=2, eval_episodes=2, strategy="lowered",
+                    out=str(tmp_path / f"{name}.pt"))
+    return training.TrainConfig(**{**settings, **overrides})
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_pymeta_train_mamlpp_resumes_exactly(tmp_path, monkeypatch):
+    """An interrupted run resumed from its last checkpoint equals the uninterrupted one:
+    per-step statistics and rates, epoch, optimizer and cosine schedule are all saved
+    (4 steps, in epochs 0, 25, 50, 75: the multi-step loss at step 1, first order until step 2)."""
+    # conv4 at 8 channels: the same layers as the default backbone, a fraction of the time
+    monkeypatch.setattr(training.DataSpec, "backbone", lambda self: models.conv4(1, 2, hidden=8))
+    full = training.train(glyphs_config(tmp_path, "full"), progress=False, log=lambda line: None)
+    step = training.learner_step
+
+    def crash_at_step_3(learner, batch, spec):
+        if learner.epoch >= 50:
+            raise Interrupted
+        return step(learner, batch, spec)
+
+    monkeypatch.setattr(training, "learner_step", crash_at_step_3)
+    with pytest.raises(Interrupted):
+        training.train(glyphs_config(tmp_path, "part"), progress=False, log=lambda line: None)
+    monkeypatch.setattr(training, "learner_step", step)
+    resumed = training.train(glyphs_config(tmp_path, "part"), progress=False, log=lambda line: None,
+                             resume=tmp_path / "part-last.pt")
+    assert resumed.losses == full.losses[2:]
+    a, b = checkpoint.load(tmp_path / "full-last.pt"), checkpoint.load(tmp_path / "part-last.pt")
+    assert a["model"]["_extra_state"] == 75  # the epoch of step 4 of 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == 4
+    assert b["model"]["step_norms.block1-1.num_batches_tracked"].tolist() == [4, 4]
+    assert a["optimizer"]["param_groups"][0]["lr"] < 1e-3
+
+
+def test_pymeta_train_mamlpp_on_sinusoid(tmp_path, capsys):
+    """No BatchNorm: nothing per step but the rates; the command's defaults (5 steps)."""
+    argv = ["train", "--algo", "mamlpp", "--data", "sinusoid", "--iterations", "2", "--meta-batch", "3",
+            "--val-every", "2", "--val-episodes", "2", "--eval-episodes", "2", "--no-progress",
+            "--out", str(tmp_path / "s.pt")]
+    assert cli.main(argv) == 0
+    assert "test MSE after adaptation (10-shot, 5 steps)" in capsys.readouterr().out
+    model = checkpoint.load(tmp_path / "s-last.pt")["model"]
+    assert model["step_lrs"].shape == (5, 6) and not any(n.startswith("step_norms") for n in model)
+    assert cli.main([*argv, "--eval-inner-steps", "6"]) == 2
+    assert "eval_inner_steps must be <= inner_steps = 5 for mamlpp" in capsys.readouterr().err

@@ -235,11 +235,12 @@ class MAMLpp(MAML, cli=("mamlpp",)):
         if epoch > self.epoch:
             self.set_epoch(epoch)
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch}
+    def get_extra_state(self) -> Tensor:
+        """The epoch, as ``state_dict()["_extra_state"]`` (a tensor, like every other entry)."""
+        return torch.tensor(self.epoch)
 
-    def set_extra_state(self, state: Mapping[str, int]) -> None:
-        self.set_epoch(state["epoch"])
+    def set_extra_state(self, state: Tensor) -> None:
+        self.set_epoch(int(state))
 
     def outer_lr_scheduler(
         self, optimizer: torch.optim.Optimizer, total: int, state: Mapping[str, Any] | None = None

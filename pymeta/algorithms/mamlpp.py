@@ -55,21 +55,17 @@ import torch
 from torch import Tensor, nn
 
 from pymeta import _validate
+from pymeta.algorithms._step_norms import StatsSum, StepNorms
 from pymeta.algorithms.maml import MAML
 from pymeta.core.batched import FastWeights, LossFn
 from pymeta.core.chunked import chunked_mean_loss
 from pymeta.core.inner_loop import InnerLR, inner_loop
-from pymeta.core.norms import Stats
 
 if TYPE_CHECKING:
     from pymeta.training import DataSpec, TrainConfig
 
 # pymeta train: a run is this many epochs (the reference's Omniglot runs: 100 epochs).
 EPOCHS_PER_RUN = 100
-PER_STEP_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_BATCH_NORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
-
-
 def importance_vector(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     """The reference's per-step query-loss weights at ``epoch`` (they sum to 1).
 
@@ -80,57 +76,6 @@ def importance_vector(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     early = max(1.0 / steps - epoch * decay, floor)
     last = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
     return [early] * (steps - 1) + [last]
-
-
-def per_step_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers, by name; a ValueError for a BatchNorm layer, or any
-    layer with running statistics, that cannot be made per step (e.g. a custom norm
-    layer, SyncBatchNorm): per-step tensors are passed to ``nn.BatchNorm``'s own forward."""
-    norms = {}
-    for name, m in model.named_modules():
-        if isinstance(m, PER_STEP_NORMS) and type(m).forward is _BATCH_NORM_FORWARD:
-            norms[name] = m
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) or "running_mean" in dict(m.named_buffers(recurse=False)):
-            raise ValueError(
-                f"model: MAMLpp makes BatchNorm layers per step, but {name!r} is a {type(m).__name__}, which it "
-                "cannot: only torch.nn.BatchNorm1d/2d/3d (or subclasses keeping their forward) can be; use those, "
-                "or pass per_step_bn_stats=False and per_step_bn_weights=False"
-            )
-    return norms
-
-
-class _StepNorm(nn.Module):
-    """One BatchNorm layer's per-step tensors, each row (step) initialised from the layer:
-    ``weight`` / ``bias`` ``[steps, C]`` parameters (affine layers, ``weights=True``) and
-    ``running_mean`` / ``running_var`` ``[steps, C]``, ``num_batches_tracked [steps]``
-    buffers (layers tracking statistics, ``stats=True``)."""
-
-    def __init__(self, layer: nn.modules.batchnorm._BatchNorm, steps: int, stats: bool, weights: bool) -> None:
-        super().__init__()
-        self.names: list[str] = []  # which of the layer's tensors are per step
-        if weights and layer.affine:
-            for name in ("weight", "bias"):
-                own = getattr(layer, name)
-                setattr(self, name, nn.Parameter(own.detach().repeat(steps, 1), requires_grad=own.requires_grad))
-                self.names.append(name)
-        if stats and layer.track_running_stats:
-            for name in ("running_mean", "running_var"):
-                self.register_buffer(name, getattr(layer, name).detach().repeat(steps, 1))
-            self.register_buffer("num_batches_tracked", torch.zeros(steps, dtype=torch.long))
-            self.names += ["running_mean", "running_var"]
-
-
-class StatsSum:
-    """Batch statistics of one outer step, summed over tasks and forwards, per
-    ``(BatchNorm index, layer)``: ``[mean sum, var sum, rows]``."""
-
-    def __init__(self) -> None:
-        self.sums: dict[tuple[int, str], list[Any]] = {}
-
-    def add(self, index: int, stats: Stats) -> None:
-        for name, (mean, var) in stats.items():
-            total = self.sums.setdefault((index, name), [0.0, 0.0, 0])
-            total[0], total[1], total[2] = total[0] + mean.sum(0), total[1] + var.sum(0), total[2] + mean.shape[0]
 
 
 class MAMLpp(MAML, cli=("mamlpp",)):
@@ -192,15 +137,9 @@ class MAMLpp(MAML, cli=("mamlpp",)):
         self.first_order_epochs = _validate.non_negative_int("first_order_epochs", first_order_epochs)
         self.cosine_min_lr = None if cosine_min_lr is None else _validate.positive_float(
             "cosine_min_lr", cosine_min_lr, allow_zero=True)
-        norms = per_step_norms(model) if per_step_bn_stats or per_step_bn_weights else {}
-        self.step_norms = nn.ModuleDict({
-            name.replace(".", "-"): _StepNorm(layer, steps, per_step_bn_stats, per_step_bn_weights)
-            for name, layer in norms.items()
-        })
-        # The layers with something per step (plain dict: the model registers them already).
-        self._bn_layers = {name: layer for name, layer in norms.items() if self._step_norm(name).names}
-        per_step = {f"{name}.{t}" for name in self._bn_layers for t in self._step_norm(name).names}
-        self._adapted = [n for n, p in model.named_parameters() if p.requires_grad and n not in per_step]
+        self.step_norms = StepNorms(model, steps, per_step_bn_stats, per_step_bn_weights)
+        replaced = self.step_norms.replaced()
+        self._adapted = [n for n, p in model.named_parameters() if p.requires_grad and n not in replaced]
         self._lr_column = {name: j for j, name in enumerate(self._adapted)}
         self.step_lrs = None
         if lslr:  # row i: step i's rates, column j: the j-th adapted tensor's
@@ -210,9 +149,6 @@ class MAMLpp(MAML, cli=("mamlpp",)):
 
     def _dtype(self) -> torch.dtype:
         return next(self.module.parameters(), torch.empty(0)).dtype
-
-    def _step_norm(self, name: str) -> _StepNorm:
-        return self.step_norms[name.replace(".", "-")]
 
     # ----------------------------------------------------------------- annealing
     def set_epoch(self, epoch: int) -> None:
@@ -324,9 +260,7 @@ class MAMLpp(MAML, cli=("mamlpp",)):
 
     def _recording(self) -> bool:
         """Whether this forward updates per-step running statistics: a training episode."""
-        return torch.is_grad_enabled() and any(
-            layer.training and "running_mean" in self._step_norm(name).names for name, layer in self._bn_layers.items()
-        )
+        return torch.is_grad_enabled() and self.step_norms.records()
 
     def _adapt(
         self,
@@ -354,7 +288,7 @@ class MAMLpp(MAML, cli=("mamlpp",)):
             fast = inner_loop(
                 self._batched, fast, support_x, support_y, loss_fn, self._step_lr(i, list(fast)), 1, first_order,
                 strategy, self.check_finite, self.checkpoint_steps,
-                extra=self._step_tensors(i, num_tasks, stats is not None), record=record, first_step=i,
+                extra=self.step_norms.tensors(i, num_tasks, stats is not None), record=record, first_step=i,
             )
             if stats is not None:
                 stats.add(i, record[0])
@@ -365,24 +299,11 @@ class MAMLpp(MAML, cli=("mamlpp",)):
     def _predict(self, fast: FastWeights, x: Tensor, index: int, strategy: str, stats: StatsSum | None) -> Tensor:
         """The model on ``x`` with ``fast`` weights and BatchNorm index ``index``."""
         record = None if stats is None else {}
-        extra = self._step_tensors(index, x.shape[0], stats is not None)
+        extra = self.step_norms.tensors(index, x.shape[0], stats is not None)
         pred = self._batched.forward({**extra, **fast}, x, strategy, record)
         if stats is not None:
             stats.add(index, record)
         return pred
-
-    def _step_tensors(self, index: int, num_tasks: int, record: bool) -> FastWeights:
-        """BatchNorm index ``index``'s per-step tensors, ``[T, C]`` views by the layers'
-        names: weights and biases, and running statistics where a layer uses them (eval
-        mode) or its batch statistics are recorded."""
-        extra = {}
-        for name, layer in self._bn_layers.items():
-            step_norm = self._step_norm(name)
-            for t in step_norm.names:
-                if t.startswith("running_") and layer.training and not record:
-                    continue
-                extra[f"{name}.{t}"] = getattr(step_norm, t)[index].expand(num_tasks, -1)
-        return extra
 
     def _step_lr(self, index: int, names: list[str]) -> InnerLR:
         """Step ``index``'s learning rates of the adapted weights ``names`` (0-dim each), or ``lr``."""
@@ -397,22 +318,12 @@ class MAMLpp(MAML, cli=("mamlpp",)):
         return {n: params[n] for n in self._adapted if params[n].requires_grad}
 
     def _update_running_stats(self, stats: StatsSum | None) -> None:
-        """One momentum update per BatchNorm index and layer from this step's statistics."""
-        if stats is None:
-            return
-        with torch.no_grad():
-            for (index, name), (mean, var, rows) in stats.sums.items():
-                step_norm, momentum = self._step_norm(name), self._bn_layers[name].momentum
-                step_norm.num_batches_tracked[index] += 1
-                # momentum None: a cumulative average, as nn.BatchNorm
-                count = step_norm.num_batches_tracked[index].to(mean.dtype)
-                factor = 1.0 / count if momentum is None else momentum
-                step_norm.running_mean[index].lerp_(mean / rows, factor)
-                step_norm.running_var[index].lerp_(var / rows, factor)
+        if stats is not None:
+            self.step_norms.update_running(stats)
 
     def task_statistics(self) -> list[Tensor]:
         """The per-step running statistics (see :meth:`Learner.task_statistics`)."""
-        return [getattr(m, t) for m in self.step_norms.values() for t in m.names if t.startswith("running_")]
+        return self.step_norms.statistics()
 
     # ---------------------------------------------------------- the pymeta command
     @classmethod

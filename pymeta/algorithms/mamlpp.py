@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 
 # pymeta train: a run is this many epochs (the reference's Omniglot runs: 100 epochs).
 EPOCHS_PER_RUN = 100
+
+
 def importance_vector(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     """The reference's per-step query-loss weights at ``epoch`` (they sum to 1).
 

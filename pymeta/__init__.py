@@ -5,6 +5,7 @@ from pymeta.algorithms import (
     ANIL,
     MAML,
     FineTune,
+    MAMLpp,
     MatchingNet,
     MetaSGD,
     ProtoNet,
@@ -15,6 +16,6 @@ from pymeta.cuda_graph import CUDAGraphStep
 
 __version__ = "0.1.0"
 __all__ = [
-    "ANIL", "MAML", "CUDAGraphStep", "FineTune", "MatchingNet", "MetaSGD", "ProtoNet", "RelationNet", "Reptile",
-    "__version__", "ops",
+    "ANIL", "MAML", "CUDAGraphStep", "FineTune", "MAMLpp", "MatchingNet", "MetaSGD", "ProtoNet", "RelationNet",
+    "Reptile", "__version__", "ops",
 ]

@@ -181,7 +181,11 @@ def all_reduce_grads(
     Each rank computed ``.grad`` as a mean over its ``local_tasks`` tasks; the result, on
     every rank, is ``sum_r (local_tasks_r / total_tasks) * grad_r``, the mean over all
     ``total_tasks`` tasks, exact for unequal shards. A parameter without a gradient on
-    every rank keeps ``grad = None`` (as after a single-process backward).
+    every rank keeps ``grad = None`` (as after a single-process backward). A learner's
+    :meth:`~pymeta.algorithms.Learner.task_statistics` (e.g. MAML++'s per-step BatchNorm
+    running statistics, a momentum update from the batch statistics of this rank's
+    tasks) are averaged the same way: the update is linear in those statistics, so the
+    result is the single-process one.
 
     Args:
         module: the learner; every parameter that requires grad takes part.
@@ -227,6 +231,14 @@ def all_reduce_grads(
                 p.grad = chunk.view_as(p).clone()
             else:
                 p.grad.copy_(chunk.view_as(p))
+    statistics = module.task_statistics() if hasattr(module, "task_statistics") else []
+    with torch.no_grad():
+        for dtype in dict.fromkeys(t.dtype for t in statistics):  # the same order on every rank
+            group = [t for t in statistics if t.dtype == dtype]
+            flat = torch.cat([t.flatten() * weight for t in group])
+            dist.all_reduce(flat)
+            for t, chunk in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(chunk.view_as(t))
     return None if loss is None else meta[1].item()
 
 

@@ -7,9 +7,9 @@ line is a thin layer over :func:`train` and :func:`evaluate`.
 Checkpoints (written atomically, by rank 0 only): at every validation ``train`` writes
 ``<out stem>-last<suffix>`` (e.g. ``runs/pymeta-last.pt``), and ``out`` itself whenever
 the validation metric improves (the best model). Both hold everything a resumed run
-needs: model, optimizer, the training batches' stream state, the torch / numpy /
-python RNG states, the execution strategies the learner chose, step, history and
-config. ``train(config, resume=path)`` (``pymeta train ... --resume path``) continues
+needs: model, optimizer (and its learning-rate schedule), the training batches' stream
+state, the torch / numpy / python RNG states, the execution strategies the learner
+chose, step, history and config. ``train(config, resume=path)`` (``pymeta train ... --resume path``) continues
 from either and reproduces the uninterrupted run exactly (same losses, same
 parameters), provided the execution strategy is fixed or was already chosen when the
 checkpoint was written: ``strategy="auto"`` picks by timing, so two separate runs may
@@ -422,6 +422,8 @@ def _train(
         history, best, running, first = state["history"], state["best_val"], state["running"], state["step"] + 1
         best_model = state.get("best_model", state["model"])
         position.checkpoint, position.saved_step = Path(resume), state["step"]
+    # The learner's outer learning-rate schedule (MAML++: cosine annealing), if any.
+    scheduler = learner.outer_lr_scheduler(opt, config.iterations, state.get("scheduler") if resume is not None else None)
     # Every rank starts from rank 0's weights, even if a user's builder is not seeded.
     distributed.broadcast_parameters(learner)
     main = distributed.rank() == 0
@@ -440,12 +442,15 @@ def _train(
             batch = distributed.shard(batch)
         batch = batch.to(config.device)
         opt.zero_grad(set_to_none=True)
+        learner.set_progress(step, config.iterations)
         loss = train_step(learner, batch, spec)
         if distributed.is_active():
             loss = distributed.all_reduce_grads(learner, len(batch[0]), total, loss)
         if config.check_finite:
             check_finite_update(learner, loss, step)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         if loss is not None:
             losses.append(loss)
             running = loss if math.isnan(running) else 0.95 * running + 0.05 * loss
@@ -463,6 +468,7 @@ def _train(
                     "step": step, "history": history, "best_val": best, "running": running,
                     "data": source.state_dict(), "rng": _rng_state(),
                     "strategies": {name: p.chosen for name, p in strategy_pickers(learner).items()},
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
                 }
                 if improved:
                     checkpoint.save(config.out, state)

@@ -145,10 +145,10 @@ def test_memory_options_train_the_same_model_and_are_refused_where_they_do_not_a
                             strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert runs["lean"].learner.task_chunk == 1 and runs["lean"].learner.checkpoint_steps
-    with pytest.raises(ValueError, match=r"task_chunk only applies to algo anil, fomaml, maml, matchingnet, metasgd, "
-                                         r"protonet, relationnet, relationnet-ce, got algo 'reptile'"):
+    with pytest.raises(ValueError, match=r"task_chunk only applies to algo anil, fomaml, maml, mamlpp, matchingnet, "
+                                         r"metasgd, protonet, relationnet, relationnet-ce, got algo 'reptile'"):
         config(tmp_path, "bad", 2, algo="reptile", task_chunk=2).resolved()
-    with pytest.raises(ValueError, match=r"checkpoint_steps only applies to algo fomaml, maml, metasgd, "
+    with pytest.raises(ValueError, match=r"checkpoint_steps only applies to algo fomaml, maml, mamlpp, metasgd, "
                                          r"got algo 'protonet'"):
         config(tmp_path, "bad", 2, algo="protonet", checkpoint_steps=True).resolved()
     with pytest.raises(ValueError, match=r"checkpoint_steps recomputes second-order inner steps; first-order"):

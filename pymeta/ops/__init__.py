@@ -2,9 +2,11 @@
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
 (per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary) and ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward).
-``backends()`` says which backends run here and why the others do not; ``usage()``
-which backend each op call of this process ran on, and why.
+temporary), ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward) and
+``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over every (query,
+class) pair, no ``[Q * N, 2C, H, W]`` pairs). ``backends()`` says which backends run
+here and why the others do not; ``usage()`` which backend each op call of this process
+ran on, and why.
 """
 
 from pymeta.ops._backends import backends, force_backend, reset_usage, usage
@@ -12,5 +14,9 @@ from pymeta.ops.inner_sgd import inner_sgd
 from pymeta.ops.max_pool2d import max_pool2d
 from pymeta.ops.proto_logits import proto_logits
 from pymeta.ops.prototypes import prototypes
+from pymeta.ops.relation_pairs import relation_pairs
 
-__all__ = ["backends", "force_backend", "inner_sgd", "max_pool2d", "proto_logits", "prototypes", "reset_usage", "usage"]
+__all__ = [
+    "backends", "force_backend", "inner_sgd", "max_pool2d", "proto_logits", "prototypes",
+    "relation_pairs", "reset_usage", "usage",
+]

@@ -88,6 +88,18 @@ def exact_logits(query: Tensor, protos: Tensor, metric: str) -> Tensor:
     return -torch.where(hit, 0, torch.where(hit, 1, sq).sqrt())
 
 
+def relation_loop(classes, queries, weight, bias, running_mean, running_var, eps: float = 1e-5) -> Tensor:
+    """Per task: the ``[Q * N, C, H, W]`` pairs built explicitly, ``F.batch_norm`` (that
+    task's batch statistics, or the running ones), ReLU -> ``[T, Q, N, C, H, W]``."""
+    out = []
+    for t in range(classes.shape[0]):
+        pairs = (classes[t].unsqueeze(0) + queries[t].unsqueeze(1)).flatten(0, 1)
+        rm, rv, w, b = (p if p is None or p.dim() == 1 else p[t] for p in (running_mean, running_var, weight, bias))
+        y = F.batch_norm(pairs, rm, rv, w, b, training=running_mean is None, eps=eps)
+        out.append(F.relu(y).unflatten(0, (queries.shape[1], classes.shape[1])))
+    return torch.stack(out)
+
+
 # ------------------------------------------------------------------- the cases
 @dataclass(frozen=True)
 class OpCase:
@@ -172,9 +184,27 @@ def _max_pool2d_case() -> OpCase:
     )
 
 
+def _relation_pairs_case(mode: str) -> OpCase:
+    """Train mode (each task's batch statistics) or eval mode (fixed running statistics, not
+    differentiated); per-task affine parameters ``[T, C]``; an offset on the class side."""
+    T_, N, Q, C, H, W = 2, 3, 2, 2, 2, 3
+    running = (None, None) if mode == "train" else (torch.randn(T_, C, dtype=torch.float64) + 3,
+                                                     torch.rand(T_, C, dtype=torch.float64) + 0.5)
+
+    def inputs() -> tuple[Tensor, ...]:
+        return (torch.randn(T_, N, C, H, W, dtype=torch.float64) + 3, torch.randn(T_, Q, C, H, W, dtype=torch.float64),
+                torch.randn(T_, C, dtype=torch.float64), torch.randn(T_, C, dtype=torch.float64))
+
+    return OpCase(
+        f"relation_pairs-{mode}", inputs,
+        lambda c, q, w, b: ops.relation_pairs(c, q, w, b, *running), lambda c, q, w, b: relation_loop(c, q, w, b, *running),
+    )
+
+
 # inner_sgd's rate forms reach the kernels as a float (no rate tensors), as views of one
 # tensor (scalar, task) or as a list, whose per-param kinds "mixed" covers in one call.
 CASES = [
     *(_inner_sgd_case(form) for form in ("float", "scalar", "task", "mixed")), _inner_sgd_expanded_case(),
     _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(),
+    *(_relation_pairs_case(mode) for mode in ("train", "eval")),
 ]

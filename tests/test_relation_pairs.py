@@ -1,12 +1,13 @@
 """pymeta.ops.relation_pairs: every backend against a per-task BatchNorm loop over the
-materialised pairs, in train and eval mode; autograd to second order, transforms, errors."""
+materialised pairs, in train and eval mode; per-task statistics, memory, errors.
+(gradcheck, gradgradcheck, opcheck, the torch.func transforms and torch.compile: tests/test_ops.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import report
+from op_cases import relation_loop as loop
 
 from pymeta.ops import force_backend, relation_pairs
 from pymeta.ops._backends import triton_interpreting, unavailable_reason
@@ -40,18 +41,6 @@ def inputs(T: int, N: int, Q: int, C: int, H: int, W: int, mode: str, dtype: tor
     if mode == "train":
         return classes, queries, weight, bias, None, None
     return classes, queries, weight, bias, torch.randn(params, dtype=dtype) + 3, torch.rand(params, dtype=dtype) + 0.5
-
-
-def loop(classes, queries, weight, bias, running_mean, running_var) -> torch.Tensor:
-    """Per task: the [Q * N, C, H, W] pairs built explicitly, F.batch_norm (batch statistics
-    of that task's pairs, or the running ones), ReLU -> [T, Q, N, C, H, W]."""
-    out = []
-    for t in range(classes.shape[0]):
-        pairs = (classes[t].unsqueeze(0) + queries[t].unsqueeze(1)).flatten(0, 1)
-        rm, rv, w, b = (p if p is None or p.dim() == 1 else p[t] for p in (running_mean, running_var, weight, bias))
-        y = F.batch_norm(pairs, rm, rv, w, b, training=running_mean is None, eps=EPS)
-        out.append(F.relu(y).unflatten(0, (queries.shape[1], classes.shape[1])))
-    return torch.stack(out)
 
 
 def grads(fn, args, grad) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -121,60 +110,6 @@ def test_low_precision_within_twice_pytorch_error(backend: str, dtype: torch.dty
         report(f"  pytorch {dtype} {name}", t, w)
         assert g.dtype == dtype
         assert (g.double() - w).abs().max() <= 2 * (t.double() - w).abs().max()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_and_gradgradcheck(backend: str, mode: str) -> None:
-    classes, queries, weight, bias, rm, rv = inputs(2, 3, 2, 2, 2, 3, mode, shared_params=False)
-    leaves = tuple(x.requires_grad_() for x in (classes, queries, weight, bias))
-    fast = backend == "triton"  # every numerical probe is an interpreted kernel launch
-
-    def fn(*xs: torch.Tensor) -> torch.Tensor:
-        return relation_pairs(*xs, rm, rv)
-
-    with force_backend(backend):
-        assert torch.autograd.gradcheck(fn, leaves, fast_mode=fast)
-        assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=fast)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck(backend: str, mode: str) -> None:
-    classes, queries, weight, bias, rm, rv = inputs(2, 3, 2, 2, 2, 3, mode, torch.float32, shared_params=False)
-    args = (classes, queries, weight, bias, rm, rv, EPS)
-    with force_backend(backend):
-        torch.library.opcheck(torch.ops.pymeta.relation_pairs.default, args)
-        grad = torch.randn(2, 2, 3, 2, 2, 3)
-        torch.library.opcheck(torch.ops.pymeta.relation_pairs_backward.default, (grad, *args))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_grad_and_vmap(backend: str) -> None:
-    """vmap over an extra batch dim, vmap(grad) and grad(grad) equal the loop's."""
-    B = 2
-    batch = [inputs(2, 3, 4, 2, 2, 3, "train") for _ in range(B)]
-    classes, queries = (torch.stack([b[i] for b in batch]) for i in (0, 1))
-    weight, bias = batch[0][2], batch[0][3]
-
-    def loss(c: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return relation_pairs(c, q, weight, bias).pow(3).sum()
-
-    with force_backend(backend):
-        out = torch.vmap(lambda c, q: relation_pairs(c, q, weight, bias))(classes, queries)
-        g = torch.vmap(torch.func.grad(loss, argnums=(0, 1)))(classes, queries)
-        hess = torch.func.grad(lambda c: torch.func.grad(loss)(c, queries[0]).square().sum())(classes[0])
-    for b in range(B):
-        torch.testing.assert_close(out[b], loop(classes[b], queries[b], weight, bias, None, None), rtol=1e-12, atol=1e-12)
-        c, q = classes[b].clone().requires_grad_(), queries[b].clone().requires_grad_()
-        want = torch.autograd.grad(loop(c, q, weight, bias, None, None).pow(3).sum(), (c, q))
-        report(f"{backend} vmap(grad) batch {b}", g[0][b], want[0])
-        torch.testing.assert_close((g[0][b], g[1][b]), want, rtol=1e-11, atol=1e-11)
-    c = classes[0].clone().requires_grad_()
-    (gc,) = torch.autograd.grad(loop(c, queries[0], weight, bias, None, None).pow(3).sum(), c, create_graph=True)
-    (want_hess,) = torch.autograd.grad(gc.square().sum(), c)
-    report(f"{backend} grad(grad)", hess, want_hess)
-    torch.testing.assert_close(hess, want_hess, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

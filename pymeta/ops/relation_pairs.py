@@ -30,9 +30,9 @@ and the backward recomputes the pre-activations from the inputs, reading each pa
 incoming gradient once. Its only pair-sized tensor is its output, which the next layer
 keeps anyway.
 
-The op is the custom op ``pymeta::relation_pairs`` (default implementation: the pure
-PyTorch reference) with the fused backward op ``pymeta::relation_pairs_backward``; both
-dispatch per call through :func:`pymeta.ops._backends.select`.
+The op is the custom op ``pymeta::relation_pairs`` with the fused backward op
+``pymeta::relation_pairs_backward``, both made by :class:`pymeta.ops._factory.FusedOp`
+from the references below.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ import torch
 from torch import Tensor
 
 from pymeta import _validate
-from pymeta.ops import _backends
-from pymeta.ops._vmap import register_task_fold
+from pymeta.ops._factory import FusedOp
 
 # The statistics' dims of the pair tensor [T, Q, N, C, H, W]: pairs and positions.
 _PAIR_DIMS = (1, 2, 4, 5)
@@ -114,86 +113,32 @@ def reference_backward(
             g_weight.to(weight.dtype), g_bias.to(bias.dtype))
 
 
-@torch.library.custom_op("pymeta::relation_pairs", mutates_args=())
-def _forward_op(
-    classes: Tensor,
-    queries: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-) -> Tensor:
-    return reference_forward(classes, queries, weight, bias, running_mean, running_var, eps)
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)  # the inputs only: the pairs are recomputed
 
 
-@_forward_op.register_fake
-def _(classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-      running_var: Tensor | None, eps: float) -> Tensor:
+def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    grads = _OP.backward(grad, *ctx.saved_tensors, ctx.eps)
+    return (*grads, None, None, None)  # running statistics are buffers: no gradient
+
+
+def _fake(classes: Tensor, queries: Tensor, *_: Any) -> Tensor:
     T, N = classes.shape[:2]
     return classes.new_empty(T, queries.shape[1], N, *classes.shape[2:])
 
 
-@_forward_op.register_kernel(("cpu", "cuda"))
-def _(classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-      running_var: Tensor | None, eps: float) -> Tensor:
-    args = (classes, queries, weight, bias, running_mean, running_var, eps)
-    return _backends.run(_backends.select(classes.device), "relation_pairs", args, lambda: reference_forward(*args))
+def _backward_fake(grad: Tensor, classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor,
+                   *_: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(x.new_empty(x.shape) for x in (classes, queries, weight, bias))
 
 
-@torch.library.custom_op("pymeta::relation_pairs_backward", mutates_args=())
-def _backward_op(
-    grad: Tensor,
-    classes: Tensor,
-    queries: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference_backward(grad, classes, queries, weight, bias, running_mean, running_var, eps)
-
-
-@_backward_op.register_fake
-def _(grad: Tensor, classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-      running_var: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return classes.new_empty(classes.shape), queries.new_empty(queries.shape), weight.new_empty(weight.shape), \
-        bias.new_empty(bias.shape)
-
-
-@_backward_op.register_kernel(("cpu", "cuda"))
-def _(grad: Tensor, classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-      running_var: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (grad, classes, queries, weight, bias, running_mean, running_var, eps)
-    return _backends.run(
-        _backends.select(grad.device), "relation_pairs_backward", args, lambda: reference_backward(*args)
-    )
-
-
-register_task_fold(_forward_op)
-register_task_fold(_backward_op)
-
-
-class _RelationPairs(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(classes: Tensor, queries: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-                running_var: Tensor | None, eps: float) -> Tensor:
-        return _forward_op(classes, queries, weight, bias, running_mean, running_var, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        *tensors, ctx.eps = inputs
-        ctx.save_for_backward(*tensors)  # the inputs only: the pairs are recomputed
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        args = (grad, *ctx.saved_tensors, ctx.eps)
-        # create_graph: the backward itself must be differentiable
-        grads = reference_backward(*args) if torch.is_grad_enabled() else _backward_op(*args)
-        return (*grads, None, None, None)  # running statistics are buffers: no gradient
+_OP = FusedOp(
+    "relation_pairs", reference_forward, fake=_fake,
+    backward=reference_backward, backward_fake=_backward_fake,
+    setup_context=_setup_context, vjp=_vjp,
+    fold_tasks=True,
+)
 
 
 def _task_param(name: str, value: Tensor | None, like: Tensor, default: float) -> Tensor:
@@ -263,4 +208,4 @@ def relation_pairs(
     if running_mean is not None:
         running_mean = _task_param("running_mean", running_mean, classes, 0.0)
         running_var = _task_param("running_var", running_var, classes, 1.0)
-    return _RelationPairs.apply(classes, queries, weight, bias, running_mean, running_var, float(eps))
+    return _OP(classes, queries, weight, bias, running_mean, running_var, float(eps))

@@ -3,7 +3,7 @@
 Part 1, the forward with indices (what autograd needs) on conv4 activation shapes,
 2x2 / stride 2, three ways: ATen's NCHW kernel, ATen's channels-last kernel with the
 layout round trip (input to channels-last, output and indices back), and pymeta's C++
-kernel on the NCHW planes in place (``pymeta_cpu::max_pool2d_with_indices``). Medians
+kernel on the NCHW planes in place (``pymeta_cpu::max_pool2d``). Medians
 of ``--repeats`` interleaved rounds of ``--calls`` calls each.
 
 Part 2, an A/B of the whole conv4 second-order MAML meta-step (workload (b) of
@@ -49,7 +49,7 @@ def aten_channels_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pymeta_cpp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.pymeta_cpu.max_pool2d_with_indices(x, *WINDOW)
+    return torch.ops.pymeta_cpu.max_pool2d(x, *WINDOW)
 
 
 def interleaved_medians(

@@ -59,6 +59,14 @@ def torch_logits(query: Tensor, protos: Tensor, metric: str) -> Tensor:
     return -dist.square() if metric == "sqeuclidean" else -dist
 
 
+def reference(op: str, *args: object) -> Tensor:
+    """The op's pure-PyTorch reference on the public call's arguments."""
+    if op == "proto_logits":
+        query, protos, metric = args
+        return logits_module.reference_forward(query, protos, logits_module.METRICS.index(metric), logits_module.EPS)
+    return protos_module.reference_forward(*args)
+
+
 def torch_prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     one_hot = F.one_hot(labels, n_way).to(support.dtype)
     return one_hot.mT @ support / one_hot.sum(1).unsqueeze(-1)
@@ -119,8 +127,7 @@ def main() -> None:
         for name, fn in variants.items():
             fwd, bwd = med[(name, "fwd")], med[(name, "fwd+bwd")]
             if name == "reference":  # count the reference's own PyTorch ops, not its custom-op wrapper
-                module = logits_module if op == "proto_logits" else protos_module
-                ops = count_aten_ops(lambda m=module, a=call_args: m.reference_forward(*(x.detach() if isinstance(x, Tensor) else x for x in a)))
+                ops = count_aten_ops(lambda op=op, a=call_args: reference(op, *(x.detach() if isinstance(x, Tensor) else x for x in a)))
             else:
                 with backend_scope(name), torch.no_grad():
                     ops = count_aten_ops(lambda fn=fn, a=call_args: fn(*a))

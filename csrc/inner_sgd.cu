@@ -1,6 +1,6 @@
 // ATen binding of the CUDA kernels of pymeta::inner_sgd (csrc/inner_sgd.cuh): groups the
-// list by dtype, packs one table of entries per group (one host-to-device copy) and
-// launches the kernels once per group.
+// list by dtype, packs one table of entries per group (one host-to-device copy; the
+// arithmetic is in csrc/inner_sgd_launch.h) and launches the kernels once per group.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,6 +49,9 @@ std::map<at::ScalarType, std::vector<size_t>> by_dtype(const std::vector<Operand
   return groups;
 }
 
+// Entry e's [rows, cols] view and strides, as the kernels' tables hold them.
+kernels::Shape shape(const Operands& e) { return {e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs, e.lr_cs}; }
+
 void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " CUDA kernel failed: ", cudaGetErrorString(err));
 }
@@ -61,22 +64,17 @@ std::vector<at::Tensor> inner_sgd_cuda(at::TensorList params, at::TensorList gra
   const c10::Device device = params[0].device();
   const c10::DeviceGuard guard(device);
   for (const auto& group : by_dtype(entries)) {
-    const at::ScalarType dtype = group.first;
-    const std::vector<size_t>& ks = group.second;
-    std::vector<kernels::ForwardEntry> table;
-    int64_t tiles = 0;
-    for (size_t k : ks) {
+    kernels::ForwardPlan plan;
+    for (size_t k : group.second) {
       const Operands& e = entries[k];
-      table.push_back({e.p.const_data_ptr(), e.g.const_data_ptr(), outs[k].mutable_data_ptr(),
-                       e.lr.defined() ? e.lr.const_data_ptr() : nullptr, e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs,
-                       e.lr_cs, tiles});
-      tiles += (e.rows * e.cols + kernels::kForwardTile - 1) / kernels::kForwardTile;
+      plan.add(e.p.const_data_ptr(), e.g.const_data_ptr(), outs[k].mutable_data_ptr(),
+               e.lr.defined() ? e.lr.const_data_ptr() : nullptr, shape(e));
     }
-    const at::Tensor table_device = upload(table, device);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inner_sgd_cuda", [&] {
+    const at::Tensor table = upload(plan.table, device);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "inner_sgd_cuda", [&] {
       check(kernels::launch_forward<cuda_type_t<scalar_t>, at::opmath_type<scalar_t>>(
-                static_cast<const kernels::ForwardEntry*>(table_device.const_data_ptr()),
-                static_cast<int>(table.size()), tiles, scale, current_stream(device)),
+                static_cast<const kernels::ForwardEntry*>(table.const_data_ptr()),
+                static_cast<int>(plan.table.size()), plan.launch(), scale, current_stream(device)),
             "inner_sgd");
     });
   }
@@ -103,35 +101,22 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> inner_sgd_backward_
   const c10::Device device = grad_outs[0].device();
   const c10::DeviceGuard guard(device);
   for (const auto& group : by_dtype(entries)) {
-    const at::ScalarType dtype = group.first;
-    const std::vector<size_t>& ks = group.second;
-    std::vector<kernels::BackwardEntry> table;
-    std::vector<kernels::ReduceEntry> reduce;
-    int64_t tiles = 0, partials = 0;
-    for (size_t k : ks) {
+    kernels::BackwardPlan plan;
+    for (size_t k : group.second) {
       const Operands& e = entries[k];
-      const int64_t strips = (e.cols + kernels::kBackwardThreads - 1) / kernels::kBackwardThreads;
-      const bool reduced = need_lr && e.lr_cs == 0;  // per task or per layer
-      table.push_back({e.p.const_data_ptr(), need_lr ? e.g.const_data_ptr() : nullptr,
-                       e.lr.defined() ? e.lr.const_data_ptr() : nullptr,
-                       need_grads ? grad_g[k].mutable_data_ptr() : nullptr,
-                       need_lr ? grad_lr[k].mutable_data_ptr() : nullptr, e.rows, e.cols, e.p_rs, e.g_rs, e.lr_rs,
-                       e.lr_cs, reduced ? partials : -1, tiles});
-      if (reduced) {
-        reduce.push_back({grad_lr[k].mutable_data_ptr(), partials, e.rows, strips, e.lr_rs != 0 ? 1 : 0});
-        partials += strips * e.rows;
-      }
-      tiles += strips;
+      plan.add(e.p.const_data_ptr(), need_lr ? e.g.const_data_ptr() : nullptr,
+               e.lr.defined() ? e.lr.const_data_ptr() : nullptr, need_grads ? grad_g[k].mutable_data_ptr() : nullptr,
+               need_lr ? grad_lr[k].mutable_data_ptr() : nullptr, shape(e));
     }
-    const at::Tensor table_device = upload(table, device);
-    const at::Tensor reduce_device = upload(reduce, device);
-    at::Tensor partial = at::empty({std::max<int64_t>(partials, 1)}, grad_outs[0].options().dtype(at::kDouble));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inner_sgd_backward_cuda", [&] {
+    const at::Tensor table = upload(plan.table, device);
+    const at::Tensor reduce = upload(plan.reduce, device);
+    at::Tensor partial = at::empty({std::max<int64_t>(plan.partials, 1)}, grad_outs[0].options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "inner_sgd_backward_cuda", [&] {
       check(kernels::launch_backward<cuda_type_t<scalar_t>, at::opmath_type<scalar_t>>(
-                static_cast<const kernels::BackwardEntry*>(table_device.const_data_ptr()),
-                static_cast<int>(table.size()), tiles,
-                static_cast<const kernels::ReduceEntry*>(reduce_device.const_data_ptr()),
-                static_cast<int>(reduce.size()), partial.mutable_data_ptr<double>(), scale, current_stream(device)),
+                static_cast<const kernels::BackwardEntry*>(table.const_data_ptr()),
+                static_cast<int>(plan.table.size()), plan.launch(),
+                static_cast<const kernels::ReduceEntry*>(reduce.const_data_ptr()), plan.reduce_launch(),
+                partial.mutable_data_ptr<double>(), scale, current_stream(device)),
             "inner_sgd_backward");
     });
   }

@@ -21,40 +21,10 @@
 
 #include <cstdint>
 
+#include "inner_sgd_launch.h"  // constants and entry tables
+
 namespace pymeta {
 namespace inner_sgd_cuda {
-
-constexpr int kForwardThreads = 256;
-constexpr int kForwardTile = 4 * kForwardThreads;
-constexpr int kBackwardThreads = 256;
-constexpr int kReduceThreads = 128;
-
-// One tensor of the list. Pointers are untyped so a table of them is one plain array.
-struct ForwardEntry {
-  const void* p;
-  const void* g;
-  void* out;
-  const void* lr;  // null: the rate is `scale` alone
-  int64_t rows, cols, p_rs, g_rs, lr_rs, lr_cs;
-  int64_t first_tile;
-};
-
-struct BackwardEntry {
-  const void* go;
-  const void* g;   // read only for the lr gradient
-  const void* lr;  // null: no lr tensors
-  void* grad_g;    // null: not needed
-  void* grad_lr;   // null: not needed
-  int64_t rows, cols, go_rs, g_rs, lr_rs, lr_cs;
-  int64_t partial;  // first per-(strip, row) partial sum, or -1 when lr is not per task / per layer
-  int64_t first_tile;
-};
-
-// A per-task ([T, 1, ...]) or per-layer ([]) lr gradient to add up from the partial sums.
-struct ReduceEntry {
-  void* grad_lr;
-  int64_t partial, rows, tiles, per_task;
-};
 
 // Storage <-> compute conversions: explicit intrinsics, because torch builds extensions
 // with __CUDA_NO_HALF_CONVERSIONS__ (no implicit half casts).
@@ -90,20 +60,21 @@ template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const ForwardEntry* __restrict__ entries, int num_entries, double neg_scale) {
   const int64_t tile = blockIdx.x;
   const ForwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const Shape s = e.shape;
   const auto* p = static_cast<const scalar_t*>(e.p);
   const auto* g = static_cast<const scalar_t*>(e.g);
   const auto* lr = static_cast<const acc_t*>(e.lr);
   auto* out = static_cast<scalar_t*>(e.out);
   const acc_t neg = static_cast<acc_t>(neg_scale);
-  const int64_t numel = e.rows * e.cols;
+  const int64_t numel = s.rows * s.cols;
   const int64_t begin = (tile - e.first_tile) * kForwardTile;
   for (int i = threadIdx.x; i < kForwardTile; i += kForwardThreads) {
     const int64_t idx = begin + i;
     if (idx >= numel) return;
-    const int64_t t = idx / e.cols, j = idx - t * e.cols;
+    const int64_t t = idx / s.cols, j = idx - t * s.cols;
     // (-scale * lr) * g + p: the rounding order of torch.addcmul, as the other backends.
-    const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
-    store(out + idx, load<acc_t>(p + t * e.p_rs + j) + rate * load<acc_t>(g + t * e.g_rs + j));
+    const acc_t rate = lr != nullptr ? neg * lr[t * s.lr_rs + j * s.lr_cs] : neg;
+    store(out + idx, load<acc_t>(p + t * s.p_rs + j) + rate * load<acc_t>(g + t * s.g_rs + j));
   }
 }
 
@@ -127,6 +98,7 @@ __global__ void backward_kernel(const BackwardEntry* __restrict__ entries, int n
   __shared__ double shared[kBackwardThreads / 32];
   const int64_t tile = blockIdx.x;
   const BackwardEntry e = entries[find_entry(entries, num_entries, tile)];
+  const Shape s = e.shape;
   const auto* go = static_cast<const scalar_t*>(e.go);
   const auto* g = static_cast<const scalar_t*>(e.g);
   const auto* lr = static_cast<const acc_t*>(e.lr);
@@ -134,26 +106,26 @@ __global__ void backward_kernel(const BackwardEntry* __restrict__ entries, int n
   auto* grad_lr = static_cast<acc_t*>(e.grad_lr);
   const acc_t neg = static_cast<acc_t>(neg_scale);
   const int64_t j = (tile - e.first_tile) * kBackwardThreads + threadIdx.x;
-  const bool in = j < e.cols;  // out-of-range threads still join the block sums
+  const bool in = j < s.cols;  // out-of-range threads still join the block sums
   double shared_cols = 0;      // an lr shared by every task: its gradient sums over rows
-  for (int64_t t = 0; t < e.rows; ++t) {
-    const acc_t go_tj = in ? load<acc_t>(go + t * e.go_rs + j) : acc_t(0);
+  for (int64_t t = 0; t < s.rows; ++t) {
+    const acc_t go_tj = in ? load<acc_t>(go + t * s.p_rs + j) : acc_t(0);
     if (grad_g != nullptr && in) {
-      const acc_t rate = lr != nullptr ? neg * lr[t * e.lr_rs + j * e.lr_cs] : neg;
-      store(grad_g + t * e.cols + j, rate * go_tj);
+      const acc_t rate = lr != nullptr ? neg * lr[t * s.lr_rs + j * s.lr_cs] : neg;
+      store(grad_g + t * s.cols + j, rate * go_tj);
     }
     if (grad_lr == nullptr) continue;
-    const acc_t g_tj = in ? load<acc_t>(g + t * e.g_rs + j) : acc_t(0);
-    if (e.lr_cs == 0) {  // per task or per layer: one partial sum per row
+    const acc_t g_tj = in ? load<acc_t>(g + t * s.g_rs + j) : acc_t(0);
+    if (s.lr_cs == 0) {  // per task or per layer: one partial sum per row
       const double row = block_sum(static_cast<double>(go_tj) * static_cast<double>(g_tj), shared);
-      if (threadIdx.x == 0) partials[e.partial + (tile - e.first_tile) * e.rows + t] = row;
-    } else if (e.lr_rs == 0) {  // per element, shared by every task
+      if (threadIdx.x == 0) partials[e.partial + (tile - e.first_tile) * s.rows + t] = row;
+    } else if (s.lr_rs == 0) {  // per element, shared by every task
       shared_cols += static_cast<double>(go_tj) * static_cast<double>(g_tj);
     } else if (in) {  // per task and element
-      grad_lr[t * e.lr_rs + j] = neg * (go_tj * g_tj);
+      grad_lr[t * s.lr_rs + j] = neg * (go_tj * g_tj);
     }
   }
-  if (grad_lr != nullptr && e.lr_cs != 0 && e.lr_rs == 0 && in) {
+  if (grad_lr != nullptr && s.lr_cs != 0 && s.lr_rs == 0 && in) {
     grad_lr[j] = static_cast<acc_t>(neg_scale * shared_cols);
   }
 }
@@ -180,27 +152,27 @@ __global__ void reduce_kernel(const ReduceEntry* __restrict__ entries, double ne
   }
 }
 
-// entries: device array of num_entries ForwardEntry sorted by first_tile; num_tiles in total.
+// entries: device copy of plan.table; grid: plan.launch() (ForwardPlan, inner_sgd_launch.h).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_forward(const ForwardEntry* entries, int num_entries, int64_t num_tiles, double scale,
+cudaError_t launch_forward(const ForwardEntry* entries, int num_entries, const Launch& grid, double scale,
                            cudaStream_t stream) {
-  if (num_tiles == 0) return cudaSuccess;
-  forward_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(num_tiles), kForwardThreads, 0, stream>>>(entries, num_entries, -scale);
+  if (grid.x == 0) return cudaSuccess;
+  forward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(entries, num_entries, -scale);
   return cudaGetLastError();
 }
 
-// entries as for launch_forward (tiles = column strips); partials: double workspace with
-// the slots the entries' `partial` fields point to; reduce: num_reduce ReduceEntry.
+// entries, reduce: device copies of plan.table and plan.reduce; grid, reduce_grid:
+// plan.launch() and plan.reduce_launch(); partials: double workspace of plan.partials slots
+// (BackwardPlan, inner_sgd_launch.h).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_backward(const BackwardEntry* entries, int num_entries, int64_t num_tiles,
-                            const ReduceEntry* reduce, int num_reduce, double* partials, double scale,
+cudaError_t launch_backward(const BackwardEntry* entries, int num_entries, const Launch& grid,
+                            const ReduceEntry* reduce, const Launch& reduce_grid, double* partials, double scale,
                             cudaStream_t stream) {
-  if (num_tiles == 0) return cudaSuccess;
-  backward_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(num_tiles), kBackwardThreads, 0, stream>>>(entries, num_entries, -scale, partials);
-  if (num_reduce > 0) {
-    reduce_kernel<acc_t><<<static_cast<unsigned>(num_reduce), kReduceThreads, 0, stream>>>(reduce, -scale, partials);
+  if (grid.x == 0) return cudaSuccess;
+  backward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(entries, num_entries, -scale,
+                                                                             partials);
+  if (reduce_grid.x > 0) {
+    reduce_kernel<acc_t><<<blocks(reduce_grid), reduce_grid.threads, 0, stream>>>(reduce, -scale, partials);
   }
   return cudaGetLastError();
 }

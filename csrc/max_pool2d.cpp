@@ -148,9 +148,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
 }  // namespace pymeta
 
 TORCH_LIBRARY_FRAGMENT(pymeta_cpu, m) {
-  m.def("max_pool2d_with_indices(Tensor input, int[] kernel, int[] stride) -> (Tensor, Tensor)");
+  m.def("max_pool2d(Tensor input, int[] kernel, int[] stride) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pymeta_cpu, CPU, m) {
-  m.impl("max_pool2d_with_indices", &pymeta::max_pool2d_cpu);
+  m.impl("max_pool2d", &pymeta::max_pool2d_cpu);
 }

@@ -12,14 +12,14 @@
 
 #include <cstdint>
 
+#include "proto_logits_launch.h"
 #include "prototypes.cuh"  // to_acc / from_acc conversions
 
 namespace pymeta {
 namespace proto_logits_cuda {
 
 enum Metric : int { kSqEuclidean = 0, kEuclidean = 1, kCosine = 2 };
-constexpr int kWarp = 32;
-constexpr int kThreads = 128;
+constexpr int kWarp = kWarpSize;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -165,17 +165,13 @@ __global__ void grad_protos_kernel(const scalar_t* __restrict__ grad, const scal
   grad_protos[tn * D + d] = from_acc<scalar_t>(acc);
 }
 
-inline dim3 grid_2d(int64_t rows, int64_t D) {
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((D + kThreads - 1) / kThreads));
-}
-
 // query [T, Q, D], protos [T, N, D] -> out [T, Q, N].
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_forward(const scalar_t* query, const scalar_t* protos, scalar_t* out, int64_t T, int64_t Q,
                            int64_t N, int64_t D, int metric, acc_t eps, cudaStream_t stream) {
   if (T * Q * N == 0) return cudaSuccess;
-  forward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T * Q), kThreads, 0, stream>>>(query, protos, out, Q, N, D,
-                                                                                        metric, eps);
+  const Launch grid = forward_launch(T, Q);
+  forward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(query, protos, out, Q, N, D, metric, eps);
   return cudaGetLastError();
 }
 
@@ -188,22 +184,21 @@ cudaError_t launch_backward(const scalar_t* grad, const scalar_t* logits, const 
                             cudaStream_t stream) {
   if (D == 0) return cudaSuccess;
   if (metric == kCosine) {
-    const int rows_per_block = kThreads / kWarp;
+    const Launch q_grid = norms_launch(T * Q), p_grid = norms_launch(T * N);
     if (T * Q > 0) {
-      row_norms_kernel<scalar_t, acc_t><<<static_cast<unsigned>((T * Q + rows_per_block - 1) / rows_per_block),
-                                          kThreads, 0, stream>>>(query, q_norms, T * Q, D);
+      row_norms_kernel<scalar_t, acc_t><<<blocks(q_grid), q_grid.threads, 0, stream>>>(query, q_norms, T * Q, D);
     }
     if (T * N > 0) {
-      row_norms_kernel<scalar_t, acc_t><<<static_cast<unsigned>((T * N + rows_per_block - 1) / rows_per_block),
-                                          kThreads, 0, stream>>>(protos, p_norms, T * N, D);
+      row_norms_kernel<scalar_t, acc_t><<<blocks(p_grid), p_grid.threads, 0, stream>>>(protos, p_norms, T * N, D);
     }
   }
+  const Launch q_grid = grad_query_launch(T, Q, D), p_grid = grad_protos_launch(T, N, D);
   if (T * Q > 0) {
-    grad_query_kernel<scalar_t, acc_t><<<grid_2d(T * Q, D), kThreads, 0, stream>>>(
+    grad_query_kernel<scalar_t, acc_t><<<blocks(q_grid), q_grid.threads, 0, stream>>>(
         grad, logits, query, protos, q_norms, p_norms, grad_query, Q, N, D, metric, eps);
   }
   if (T * N > 0) {
-    grad_protos_kernel<scalar_t, acc_t><<<grid_2d(T * N, D), kThreads, 0, stream>>>(
+    grad_protos_kernel<scalar_t, acc_t><<<blocks(p_grid), p_grid.threads, 0, stream>>>(
         grad, logits, query, protos, q_norms, p_norms, grad_protos, Q, N, D, metric, eps);
   }
   return cudaGetLastError();

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "prototypes_launch.h"
+
 namespace pymeta {
 
 // Load/store conversions between storage and accumulation types. Explicit intrinsics,
@@ -45,8 +47,6 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x)
 
 namespace prototypes_cuda {
 
-constexpr int kThreads = 256;
-
 // Class counts [T, N] (int32): one thread per (task, class), scanning the task's labels.
 static __global__ void class_counts_kernel(const int64_t* __restrict__ labels, int* __restrict__ counts, int64_t T,
                                     int64_t S, int64_t N) {
@@ -58,7 +58,7 @@ static __global__ void class_counts_kernel(const int64_t* __restrict__ labels, i
   counts[i] = count;
 }
 
-// Means: grid (T * N, ceil(D / kThreads)); each thread owns one feature d of one class
+// Means: forward_launch (blocks (t * N + c, feature strip)); each thread owns one feature d of one class
 // and sums the support rows with that label (reads are coalesced across d).
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ support, const int64_t* __restrict__ labels,
@@ -75,7 +75,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ support, const int64
 }
 
 // grad_support[t, s, d] = grad[t, labels[t, s], d] / counts[t, labels[t, s]];
-// grid (T * S, ceil(D / kThreads)).
+// backward_launch (blocks (t * S + s, feature strip)).
 template <typename scalar_t, typename acc_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ labels,
                                 const int* __restrict__ counts, scalar_t* __restrict__ grad_support, int64_t S,
@@ -91,19 +91,15 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, const int64_t
   grad_support[ts * D + d] = from_acc<scalar_t>(value);
 }
 
-inline dim3 grid_2d(int64_t rows, int64_t D) {
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((D + kThreads - 1) / kThreads));
-}
-
 // support [T, S, D], labels [T, S] -> out [T, N, D]; counts: int32 workspace of T * N.
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_forward(const scalar_t* support, const int64_t* labels, scalar_t* out, int* counts, int64_t T,
                            int64_t S, int64_t N, int64_t D, cudaStream_t stream) {
   if (T * N == 0) return cudaSuccess;
-  class_counts_kernel<<<static_cast<unsigned>((T * N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      labels, counts, T, S, N);
+  const Launch count_grid = counts_launch(T, N), grid = forward_launch(T, N, D);
+  class_counts_kernel<<<blocks(count_grid), count_grid.threads, 0, stream>>>(labels, counts, T, S, N);
   if (D > 0) {
-    forward_kernel<scalar_t, acc_t><<<grid_2d(T * N, D), kThreads, 0, stream>>>(support, labels, counts, out, S, N, D);
+    forward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(support, labels, counts, out, S, N, D);
   }
   return cudaGetLastError();
 }
@@ -113,10 +109,10 @@ template <typename scalar_t, typename acc_t>
 cudaError_t launch_backward(const scalar_t* grad, const int64_t* labels, scalar_t* grad_support, int* counts,
                             int64_t T, int64_t S, int64_t N, int64_t D, cudaStream_t stream) {
   if (T * N == 0 || T * S * D == 0) return cudaSuccess;
-  class_counts_kernel<<<static_cast<unsigned>((T * N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      labels, counts, T, S, N);
-  backward_kernel<scalar_t, acc_t><<<grid_2d(T * S, D), kThreads, 0, stream>>>(grad, labels, counts, grad_support,
-                                                                               S, N, D);
+  const Launch count_grid = counts_launch(T, N), grid = backward_launch(T, S, D);
+  class_counts_kernel<<<blocks(count_grid), count_grid.threads, 0, stream>>>(labels, counts, T, S, N);
+  backward_kernel<scalar_t, acc_t><<<blocks(grid), grid.threads, 0, stream>>>(grad, labels, counts, grad_support, S,
+                                                                              N, D);
   return cudaGetLastError();
 }
 

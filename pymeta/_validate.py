@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,30 @@ def same_dim(names: tuple[str, str], a: Tensor, b: Tensor, dim: int, what: str) 
         )
 
 
+# What a dim letter of a layout such as "[T, Q, D]" counts, for layouts()' messages.
+DIM_NAMES = {"T": "the number of tasks T", "S": "the number of support examples S", "D": "the feature size D"}
+
+
+def layouts(named: dict[str, tuple[Tensor, str]]) -> None:
+    """Each tensor has as many dims as its layout (``{"query": (query, "[T, Q, D]")}``), and
+    dims with the same letter agree in size across tensors (``T``, ``D``, ...)."""
+    for name, (t, layout) in named.items():
+        ndim(name, t, layout.count(",") + 1, layout)
+    seen: dict[str, tuple[str, Tensor, int]] = {}
+    for name, (t, layout) in named.items():
+        for d, letter in enumerate(layout.strip("[]").split(", ")):
+            if letter not in seen:
+                seen[letter] = (name, t, d)
+                continue
+            first_name, first, first_d = seen[letter]
+            if first.shape[first_d] != t.shape[d]:
+                dims = f"dim {d}" if d == first_d else f"dims {first_d} and {d}"
+                raise ValueError(
+                    f"{first_name} and {name} must agree on {DIM_NAMES.get(letter, letter)} ({dims}): "
+                    f"{first_name} has shape {tuple(first.shape)}, {name} has shape {tuple(t.shape)}"
+                )
+
+
 def same_device(named: dict[str, Tensor]) -> torch.device:
     devices = {name: t.device for name, t in named.items()}
     first = next(iter(devices.values()))
@@ -136,7 +161,7 @@ def positive_float(name: str, value: object, allow_zero: bool = False) -> float:
     return float(value)
 
 
-_CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+_CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss", "relation_mse_loss")
 # Losses that compare prediction and target element by element (and would broadcast
 # mismatched shapes into a silently wrong loss).
 _ELEMENTWISE_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
@@ -158,7 +183,8 @@ def episode(
     ``support_x: [T, S, ...]`` with S >= 1, ``support_y: [T, S]`` integer labels or
     ``[T, S, ...]`` float targets, ``query_x: [T, Q, ...]`` with the dtype and trailing
     dims of ``support_x``. ``classification=True`` demands integer labels ``[T, S]``.
-    With ``model``, the inputs must have its parameters' dtype (outside autocast).
+    With ``model``, the inputs must have its parameters' dtype (outside autocast) and
+    examples its first layer takes (:func:`model_input`).
     """
     sx = floating("support_x", support_x)
     sy = tensor("support_y", support_y)
@@ -189,7 +215,57 @@ def episode(
         raise ValueError(f"support_x must hold at least one example per task, got S = 0 (shape {tuple(sx.shape)})")
     if model is not None:
         model_dtype("support_x", sx, model)
+        model_input("support_x", sx, model)
     return sx.shape[0]
+
+
+# The examples [C, *spatial] each convolution takes.
+_CONV_EXAMPLES = {torch.nn.Conv1d: "L", torch.nn.Conv2d: "H, W", torch.nn.Conv3d: "D, H, W"}
+
+
+def first_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """``(name, layer)`` of the layer an ``nn.Sequential`` applies first (looking into
+    nested ones); None for other models, whose module tree does not tell their order."""
+    if not isinstance(model, torch.nn.Sequential):
+        return None
+    names = []
+    while isinstance(model, torch.nn.Sequential):
+        if len(model) == 0:
+            return None
+        name, model = next(iter(model.named_children()))
+        names.append(name)
+    return ".".join(names), model
+
+
+def model_input(name: str, x: Tensor, model: torch.nn.Module) -> None:
+    """``x: [T, B, ...]`` must hold examples that ``model``'s first layer takes, where that
+    is known (an ``nn.Sequential`` starting with ``Linear`` or ``Conv1d/2d/3d``): else a
+    forgotten task dim (``[S, D]`` instead of ``[1, S, D]``) would pass as S tasks of
+    scalar examples. For other models a 2-D ``x`` gets a warning saying what is assumed.
+    """
+    example = tuple(x.shape[2:])
+    layer_name, layer = first_layer(model) or ("", None)
+    if isinstance(layer, torch.nn.Linear) and layer.in_features > 0:  # 0: a LazyLinear not yet built
+        fits, want = bool(example) and example[-1] == layer.in_features, f"[..., {layer.in_features}]"
+    elif type(layer) in _CONV_EXAMPLES:
+        spatial = _CONV_EXAMPLES[type(layer)]
+        fits = len(example) == 2 + spatial.count(",") and example[0] == layer.in_channels
+        want = f"[{layer.in_channels}, {spatial}]"
+    else:
+        if x.dim() == 2:
+            warnings.warn(
+                f"{name} has shape {tuple(x.shape)}, read as [T, S] = {tuple(x.shape)}: {x.shape[0]} tasks of "
+                f"{x.shape[1]} scalar examples; if it holds one task's examples, add the task dim "
+                f"({name}.unsqueeze(0))", stacklevel=4,
+            )
+        return
+    if not fits:
+        missing = (f"; a 2-D {name} is read as [T, S] = {tuple(x.shape)}, {x.shape[0]} tasks of scalar examples: "
+                   f"if it holds one task's examples, add the task dim ({name}.unsqueeze(0))") if x.dim() == 2 else ""
+        raise ValueError(
+            f"{name} must be [T, S, *example] with examples of shape {want} for the model's first layer "
+            f"{layer_name!r} ({layer}), got shape {tuple(x.shape)}, i.e. examples of shape {list(example)}{missing}"
+        )
 
 
 def model_dtype(name: str, x: Tensor, model: torch.nn.Module) -> None:

@@ -46,6 +46,11 @@ Failures: a rank that raises ends its process, which closes its connections, and
 other ranks' next collective fails; a rank that stalls makes the others fail after the
 process-group ``timeout``. :func:`launch` then stops every rank and raises
 :class:`WorkerError` with the failing rank's traceback.
+
+Ctrl-C (or ``kill -INT`` of the launcher) reaches rank 0, and :func:`launch` raises
+``KeyboardInterrupt`` with rank 0's message ("interrupted at step N; last checkpoint:
+PATH" in training) once all ranks stopped. A killed launcher's ranks get a SIGINT from
+the OS (Linux); the next :func:`launch` removes the folder it left in the temp directory.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -66,9 +72,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _leftovers, _validate
 
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a missing rank before failing
+LAUNCH_PREFIX = "pymeta-launch-"  # + owner_tag(): the folder where launch's ranks report
+_STOP_WAIT = 30.0  # seconds rank 0 gets to stop after a Ctrl-C (then, as the others, SIGKILL)
 
 Batch = TypeVar("Batch")
 
@@ -173,7 +181,11 @@ def all_reduce_grads(
     Each rank computed ``.grad`` as a mean over its ``local_tasks`` tasks; the result, on
     every rank, is ``sum_r (local_tasks_r / total_tasks) * grad_r``, the mean over all
     ``total_tasks`` tasks, exact for unequal shards. A parameter without a gradient on
-    every rank keeps ``grad = None`` (as after a single-process backward).
+    every rank keeps ``grad = None`` (as after a single-process backward). A learner's
+    :meth:`~pymeta.algorithms.Learner.task_statistics` (e.g. MAML++'s per-step BatchNorm
+    running statistics, a momentum update from the batch statistics of this rank's
+    tasks) are averaged the same way: the update is linear in those statistics, so the
+    result is the single-process one.
 
     Args:
         module: the learner; every parameter that requires grad takes part.
@@ -219,6 +231,14 @@ def all_reduce_grads(
                 p.grad = chunk.view_as(p).clone()
             else:
                 p.grad.copy_(chunk.view_as(p))
+    statistics = module.task_statistics() if hasattr(module, "task_statistics") else []
+    with torch.no_grad():
+        for dtype in dict.fromkeys(t.dtype for t in statistics):  # the same order on every rank
+            group = [t for t in statistics if t.dtype == dtype]
+            flat = torch.cat([t.flatten() * weight for t in group])
+            dist.all_reduce(flat)
+            for t, chunk in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(chunk.view_as(t))
     return None if loss is None else meta[1].item()
 
 
@@ -308,13 +328,21 @@ def launch(
     """
     _validate.positive_int("nproc", nproc)
     _validate.positive_float("timeout", timeout)
-    with tempfile.TemporaryDirectory(prefix="pymeta-launch-") as failures:
+    _leftovers.remove_stale_folders(Path(tempfile.gettempdir()), LAUNCH_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=f"{LAUNCH_PREFIX}{_leftovers.owner_tag()}-") as failures:
+        context = mp.start_processes(
+            _worker, args=(fn, args, nproc, free_port(), backend, timeout, failures),
+            nprocs=nproc, join=False, start_method="spawn",
+        )
         try:
-            mp.start_processes(
-                _worker, args=(fn, args, nproc, free_port(), backend, timeout, failures),
-                nprocs=nproc, join=True, start_method="spawn",
-            )
+            while not context.join():
+                pass
+        except KeyboardInterrupt:
+            _stop(context.processes)
+            raise _interrupted(failures) or KeyboardInterrupt("interrupted") from None
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            if _interrupted(failures):  # rank 0 got a SIGINT; the others failed because it stopped
+                raise _interrupted(failures) from None
             # torch reports the first process it saw exit, which may be a rank that
             # failed *because* another one died: prefer the earliest recorded failure.
             reports = sorted(Path(failures).iterdir(), key=lambda f: float(f.read_text().split("\n", 1)[0]))
@@ -324,11 +352,45 @@ def launch(
             raise WorkerError(int(first.name), nproc, first.read_text().split("\n", 1)[1]) from None
 
 
+def _interrupted(failures: str) -> KeyboardInterrupt | None:
+    """Rank 0's report of a Ctrl-C, if it wrote one."""
+    report = Path(failures, "interrupted")
+    return KeyboardInterrupt(report.read_text()) if report.is_file() else None
+
+
+def _stop(processes: list[Any]) -> None:
+    """After a Ctrl-C: SIGINT to rank 0 (which may have had one from the terminal too) and
+    wait for it to stop and report; the other ranks, which write nothing, are killed
+    then. A second Ctrl-C stops the wait."""
+    try:
+        if processes[0].is_alive():
+            os.kill(processes[0].pid, signal.SIGINT)
+        processes[0].join(_STOP_WAIT)
+    except KeyboardInterrupt:
+        pass
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: the first one interrupts, later ones (a terminal's and
+    the launcher's, say) must not cut the handling of the first short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker(
     index: int, fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, port: int, backend: str | None,
     timeout: float, failures: str,
 ) -> None:
     """One rank of :func:`launch`: torchrun's environment, a thread budget, the group, ``fn``."""
+    signal.signal(signal.SIGINT, _interrupt_once)
+    # The OS sends a SIGINT when the launcher dies (PR_SET_PDEATHSIG, set by torch before
+    # this runs), but not if it died while this rank was starting: check that case.
+    if os.getppid() != mp.parent_process().pid:
+        return
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
         WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
@@ -339,6 +401,10 @@ def _worker(
     with process_group(backend, timeout):
         try:
             fn(*args)
+        except KeyboardInterrupt as exc:
+            if index == 0:
+                Path(failures, "interrupted").write_text(str(exc) or "interrupted")
+            raise
         except BaseException:
             # Recorded before the group is torn down, i.e. before any other rank can
             # fail because of this one.

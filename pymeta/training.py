@@ -7,9 +7,9 @@ line is a thin layer over :func:`train` and :func:`evaluate`.
 Checkpoints (written atomically, by rank 0 only): at every validation ``train`` writes
 ``<out stem>-last<suffix>`` (e.g. ``runs/pymeta-last.pt``), and ``out`` itself whenever
 the validation metric improves (the best model). Both hold everything a resumed run
-needs: model, optimizer, the training batches' stream state, the torch / numpy /
-python RNG states, the execution strategies the learner chose, step, history and
-config. ``train(config, resume=path)`` (``pymeta train ... --resume path``) continues
+needs: model, optimizer (and its learning-rate schedule), the training batches' stream
+state, the torch / numpy / python RNG states, the execution strategies the learner
+chose, step, history and config. ``train(config, resume=path)`` (``pymeta train ... --resume path``) continues
 from either and reproduces the uninterrupted run exactly (same losses, same
 parameters), provided the execution strategy is fixed or was already chosen when the
 checkpoint was written: ``strategy="auto"`` picks by timing, so two separate runs may
@@ -22,9 +22,11 @@ Inside a ``torch.distributed`` process group (``pymeta train --nproc N``, or tor
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pymeta import _validate, checkpoint, distributed
+from pymeta import _settings, _validate, checkpoint, distributed
 from pymeta.algorithms import LEARNERS, Learner
 from pymeta.algorithms.base import Batches
 from pymeta.core.batched import strategy_pickers
@@ -112,8 +114,9 @@ class TrainConfig:
                 values[name] = default
         if values["eval_inner_steps"] is None:
             values["eval_inner_steps"] = values["inner_steps"]
-        if values["val_every"] is None:
+        if values["val_every"] is None and isinstance(values["iterations"], int):
             values["val_every"] = max(1, values["iterations"] // 10)
+        _settings.check(values, kind, LEARNERS[self.algo].cli_tasks)
         return TrainConfig(**values)
 
     def _check_cuda_graph(self) -> None:
@@ -135,14 +138,18 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_checkpoint(cls, payload: Mapping[str, Any], path: str | Path) -> TrainConfig:
-        """The resolved config stored in a checkpoint ``payload`` read from ``path``."""
+    def from_checkpoint(cls, payload: Mapping[str, Any], path: str | Path, device: str | None = None) -> TrainConfig:
+        """The resolved config stored in a checkpoint ``payload`` read from ``path``, to
+        run on ``device`` (default: the checkpoint's)."""
         saved = payload.get("config")
         known = {f.name for f in fields(cls)}
         if not isinstance(saved, Mapping) or not set(saved) <= known:
             unknown = sorted(set(saved) - known) if isinstance(saved, Mapping) else saved
             raise checkpoint.CheckpointError(f"checkpoint {path} has an unreadable config (unknown {unknown!r})")
-        return cls(**saved).resolved()
+        try:
+            return cls(**{**saved, **({} if device is None else {"device": device})}).resolved()
+        except (TypeError, ValueError) as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {path} has an unusable config: {exc}") from None
 
 
 # Settings a resumed run may change: they do not alter the training trajectory.
@@ -170,6 +177,12 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         inner_steps=1, inner_lr=0.4, outer_lr=1e-3,
     ),
 }
+
+
+def trains_on_episodes(algo: str) -> bool:
+    """Whether ``--algo`` trains on the meta-batches of episodes (whose tasks distributed
+    training shares out), not on batches of its own (``Learner.training_batches``)."""
+    return LEARNERS[algo].training_batches.__func__ is Learner.training_batches.__func__
 
 
 def algos_with(option: str) -> list[str]:
@@ -329,11 +342,31 @@ def last_checkpoint_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}-last{out.suffix}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`train`; the message says where, and which checkpoint
+    holds the latest state to ``resume`` from."""
+
+    def __init__(self, position: Position) -> None:
+        saved = "none yet" if position.checkpoint is None else f"{position.checkpoint} (step {position.saved_step})"
+        super().__init__(f"interrupted {position.where}; last checkpoint: {saved}")
+        self.position = position
+
+
+@dataclass
+class Position:
+    """Where a :func:`train` call is: for the message of an :class:`Interrupted`."""
+
+    where: str = "before the first step"
+    checkpoint: Path | None = None  # the latest full training state (written or resumed from)
+    saved_step: int | None = None
+
+
 def train(
     config: TrainConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
     resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Result:
     """Meta-train, keep the best checkpoint by validation, and report test statistics.
 
@@ -344,12 +377,29 @@ def train(
         resume: a checkpoint written by an earlier run of the same config (only the
             :data:`RUN_FIELDS` may differ, e.g. more ``iterations``); training continues
             after its step exactly as the uninterrupted run would have.
+        overwrite: replace checkpoints of another config at ``config.out`` (see
+            :func:`check_out`).
 
     Inside a process group of N ranks every rank calls it with the same arguments:
     each batch's tasks are sharded, gradients all-reduced, and only rank 0 writes
-    checkpoints, logs and shows progress.
+    checkpoints, logs and shows progress. Ctrl-C raises :class:`Interrupted`.
     """
+    position = Position()
+    try:
+        return _train(config, progress, log, resume, overwrite, position)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(position) from None
+
+
+def _train(
+    config: TrainConfig, progress: bool, log: Callable[[str], None], resume: str | Path | None, overwrite: bool,
+    position: Position,
+) -> Result:
     config = config.resolved()
+    if distributed.rank() == 0:
+        check_out(config, resume, overwrite)
     learner, spec = build(config)
     opt = torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
     source = LEARNERS[config.algo].training_batches(config, spec) or spec.train
@@ -370,6 +420,9 @@ def train(
             picker.chosen = state["strategies"].get(name) or picker.chosen
         history, best, running, first = state["history"], state["best_val"], state["running"], state["step"] + 1
         best_model = state.get("best_model", state["model"])
+        position.checkpoint, position.saved_step = Path(resume), state["step"]
+    # The learner's outer learning-rate schedule (MAML++: cosine annealing), if any.
+    scheduler = learner.outer_lr_scheduler(opt, config.iterations, state.get("scheduler") if resume is not None else None)
     # Every rank starts from rank 0's weights, even if a user's builder is not seeded.
     distributed.broadcast_parameters(learner)
     main = distributed.rank() == 0
@@ -381,18 +434,22 @@ def train(
     bar = tqdm(range(first, config.iterations + 1), desc=f"{config.algo} on {config.data}",
                initial=first - 1, total=config.iterations, disable=not (progress and main))
     for step in bar:
+        position.where = f"at step {step}"
         batch = next(batches)
         total = len(batch[0])
         if distributed.is_active():
             batch = distributed.shard(batch)
         batch = batch.to(config.device)
         opt.zero_grad(set_to_none=True)
+        learner.set_progress(step, config.iterations)
         loss = train_step(learner, batch, spec)
         if distributed.is_active():
             loss = distributed.all_reduce_grads(learner, len(batch[0]), total, loss)
         if config.check_finite:
             check_finite_update(learner, loss, step)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         if loss is not None:
             losses.append(loss)
             running = loss if math.isnan(running) else 0.95 * running + 0.05 * loss
@@ -411,12 +468,15 @@ def train(
                     "step": step, "history": history, "best_val": best, "running": running,
                     "data": source.state_dict(), "rng": _rng_state(),
                     "strategies": {name: p.chosen for name, p in strategy_pickers(learner).items()},
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
                 }
                 if improved:
                     checkpoint.save(config.out, state)
                 checkpoint.save(last_checkpoint_path(config.out), {**state, "best_model": best_model})
+                position.checkpoint, position.saved_step = last_checkpoint_path(config.out), step
             bar.set_postfix(meta_loss=f"{running:.4f}", val=f"{val.mean:.4f}", best=f"{best:.4f}")
     bar.close()
+    position.where = "in the final test evaluation"
     seconds = time.perf_counter() - start
     # Report the test metric of the best (kept) model, not of the last step.
     learner.load_state_dict(best_model)
@@ -424,6 +484,29 @@ def train(
     if main:
         log(report_line(config, spec, test, before, learner))
     return Result(config, learner, history, test, before, seconds, Path(config.out), losses)
+
+
+def check_out(config: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> None:
+    """Before a run writes ``config.out`` and its ``-last`` checkpoint: refuse to replace
+    files that are not checkpoints of this run's config (unless ``overwrite``), and
+    remove the temp files that killed writers of them left.
+
+    A checkpoint of the same config (only :data:`RUN_FIELDS` differ), and the file a
+    run resumes from, may be replaced.
+    """
+    for path in (Path(config.out), last_checkpoint_path(config.out)):
+        checkpoint.remove_stale_temp_files(path)
+        if overwrite or not path.exists() or (resume is not None and Path(resume).resolve() == path.resolve()):
+            continue
+        try:
+            saved = TrainConfig.from_checkpoint(checkpoint.load(path), path, config.device).to_dict()
+        except checkpoint.CheckpointError as exc:
+            raise ValueError(f"{path} exists and is not a checkpoint this run may replace ({exc}); "
+                             "pass --out PATH for this run, or --overwrite to replace it") from None
+        diffs = _settings.differences(saved, config.to_dict(), RUN_FIELDS)
+        if diffs:
+            raise ValueError(f"{path} holds a checkpoint of another run ({'; '.join(diffs)}); "
+                             "pass --out PATH for this run, or --overwrite to replace it")
 
 
 def check_finite_update(learner: nn.Module, loss: float | None, step: int) -> None:
@@ -449,15 +532,11 @@ def resume_state(path: str | Path, config: TrainConfig) -> dict[str, Any]:
     pymeta) or a config that differs in anything but :data:`RUN_FIELDS`.
     """
     payload = checkpoint.load(path)
-    missing = sorted({"optimizer", "data", "rng", "strategies", "running", "step"} - set(payload))
+    missing = sorted({"model", "optimizer", "data", "rng", "strategies", "running", "step"} - set(payload))
     if missing:
         raise checkpoint.CheckpointError(f"checkpoint {path} has no training state to resume from (missing {missing})")
-    saved = TrainConfig.from_checkpoint(payload, path).to_dict()
-    diffs = [
-        f"{name}={saved[name]!r} in the checkpoint, {value!r} now"
-        for name, value in config.to_dict().items()
-        if name not in RUN_FIELDS and saved[name] != value
-    ]
+    saved = TrainConfig.from_checkpoint(payload, path, config.device).to_dict()
+    diffs = _settings.differences(saved, config.to_dict(), RUN_FIELDS)
     if diffs:
         raise checkpoint.CheckpointError(
             f"cannot resume from {path}: it was trained with another config ({'; '.join(diffs)}); "
@@ -475,12 +554,16 @@ def load_model(learner: nn.Module, state: Mapping[str, Tensor], path: str | Path
 
 
 def _rng_state() -> dict[str, Any]:
-    """The global RNG states (torch CPU and CUDA, numpy, python) for a checkpoint."""
+    """The global RNG states (torch CPU and CUDA, numpy, python) as tensors and numbers,
+    which a checkpoint stores and loads without unpickling arbitrary objects."""
+    np_kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": np_kind, "key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
     }
 
 
@@ -488,8 +571,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss"]))
 
 
 def eval_batches(config: TrainConfig, spec: DataSpec, split: str, seed: int) -> Iterator[Any]:
@@ -541,9 +627,9 @@ def report_line(
 def load_learner(path: str | Path, device: str | None = None) -> tuple[nn.Module, DataSpec, TrainConfig]:
     """Rebuild the learner of a checkpoint with its trained weights."""
     payload = checkpoint.load(path)
-    config = TrainConfig.from_checkpoint(payload, path)
-    if device is not None:
-        config.device = device
+    config = TrainConfig.from_checkpoint(payload, path, device)
+    if "model" not in payload:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds no model weights (no 'model' entry)")
     learner, spec = build(config)
     load_model(learner, payload["model"], path)
     return learner, spec, config
@@ -562,26 +648,38 @@ def _sinusoid(config: TrainConfig) -> DataSpec:
     )
 
 
+SPLITS = ("train", "val", "test")
+
+
 def _classification(config: TrainConfig, dataset: Callable[[str], Any]) -> DataSpec:
-    """N-way K-shot episodes over the train / val / test class splits of ``dataset``."""
+    """N-way K-shot episodes over the train / val / test class splits of ``dataset``.
+
+    Every split is loaded and checked now, before any training: all give examples of
+    one shape, and each has enough classes with enough examples for the episodes.
+    """
     from pymeta.data import TaskSampler
 
-    splits = {"train": dataset("train")}
-
-    def split_dataset(split: str) -> Any:
-        if split not in splits:
-            splits[split] = dataset(split)
-        return splits[split]
+    splits = {split: dataset(split) for split in SPLITS}
+    shapes = {split: tuple(data[0][0].shape) for split, data in splits.items()}
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{split} {list(shape)}" for split, shape in shapes.items())
+        raise ValueError(f"the splits of --data {config.data} hold examples of different shapes ({listing}); "
+                         "a model takes one shape")
 
     def stream(split: str, seed: int) -> TaskSampler:
-        return TaskSampler(split_dataset(split), config.ways, config.shots, config.queries, config.meta_batch, seed)
+        try:
+            return TaskSampler(splits[split], config.ways, config.shots, config.queries, config.meta_batch, seed)
+        except ValueError as exc:
+            raise ValueError(f"the {split} split of --data {config.data} is too small for --ways {config.ways} "
+                             f"--shots {config.shots} --queries {config.queries}: {exc}") from None
 
-    example_shape = tuple(splits["train"][0][0].shape)
+    for split in SPLITS[1:]:
+        stream(split, 0)
     return DataSpec(
         train=stream("train", config.seed), make_train_dataset=lambda: splits["train"],
         make_eval=lambda split, seed: iter(stream(split, seed)), task="classification",
-        example_shape=example_shape, out_features=config.ways, loss_fn=F.cross_entropy,
-        make_dataset=split_dataset,
+        example_shape=shapes["train"], out_features=config.ways, loss_fn=F.cross_entropy,
+        make_dataset=lambda split: splits[split],
     )
 
 
@@ -592,6 +690,8 @@ def _glyphs(config: TrainConfig) -> DataSpec:
 
 
 def _folder(config: TrainConfig) -> DataSpec:
+    """Image folders, every file verified once (cached) and unusable ones left out with a
+    warning; val and test read with the train split's channels and size."""
     from pymeta.data import ImageFolderClasses
 
     root = config.data.split(":", 1)[1]
@@ -600,15 +700,27 @@ def _folder(config: TrainConfig) -> DataSpec:
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise FileNotFoundError(f"data folder not found: {root_path}")
+    progress = distributed.rank() == 0
+    train = ImageFolderClasses(root_path, split="train", verify=True, progress=progress)
 
+    @functools.cache  # val may fall back to test: load each split once
     def split_of(split: str) -> Any:
-        # Omniglot ships no validation split: validate on the test classes then.
+        if split == "train":
+            return train
         try:
-            return ImageFolderClasses(root_path, split=split)
+            data = ImageFolderClasses(root_path, split, image_size=train.image_size, verify=True, progress=progress)
         except FileNotFoundError:
             if split != "val":
                 raise
-            return ImageFolderClasses(root_path, split="test")
+            # Omniglot ships no validation split: validate on the test classes then.
+            return split_of("test")
+        if data.grayscale != train.grayscale:
+            kinds = {True: "grayscale", False: "colour"}
+            warnings.warn(f"the {split} split of {root_path} holds {kinds[data.grayscale]} images, the train split "
+                          f"{kinds[train.grayscale]} ones: reading {split} as {kinds[train.grayscale]}, like train",
+                          stacklevel=2)
+            data.grayscale = train.grayscale
+        return data
 
     return _classification(config, split_of)
 

@@ -136,3 +136,37 @@ def relative_error(actual: list[Tensor], expected: list[Tensor]) -> float:
 
 
 __all__ = ["F"]
+
+
+def conv_maps(channels: int = 4) -> nn.Module:
+    """A conv encoder with BatchNorm returning feature maps: ``[B, 1, 8, 8] -> [B, channels, 4, 4]``."""
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def with_running_stats(module: nn.Module, seed: int = 7) -> nn.Module:
+    """``module`` with every BatchNorm's running statistics set far from 0 / 1 (and from the
+    batch statistics of the test episodes), so normalising with the wrong ones shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen, dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=m.running_var.dtype) * 3 + 0.2)
+    return module
+
+
+def easyfsl_methods():
+    """``easyfsl.methods`` (the peer used as a test oracle), or skip the test saying why."""
+    import pytest
+
+    try:
+        import easyfsl.methods
+    except Exception as exc:  # not installed, or its torchvision import fails
+        pytest.skip(f"easyfsl is not importable ({type(exc).__name__}: {exc}); pip install 'pymeta[peers]'")
+    return easyfsl.methods
+
+
+def parameter_grads(loss: Tensor, module: nn.Module) -> dict[str, Tensor]:
+    """``{name: d loss / d param}`` for every parameter of ``module`` (zeros where unused)."""
+    named = dict(module.named_parameters())
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named.items(), grads, strict=True)}

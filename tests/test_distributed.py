@@ -14,14 +14,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cluster_episode, mlp, regression_episode, relative_error
+from helpers import (
+    classification_episode,
+    cluster_episode,
+    conv_bn,
+    mlp,
+    regression_episode,
+    relative_error,
+)
 from torch import nn
 
 import pymeta
 from pymeta import checkpoint, cli, distributed, training
 from pymeta.data import Episode
 
-ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet", "reptile", "finetune")
+ALGOS = ("maml", "fomaml", "metasgd", "anil", "protonet", "reptile", "finetune", "mamlpp")
 TASKS = (4, 5)  # 5 tasks on 2 ranks: unequal shards of 3 and 2
 
 
@@ -35,6 +42,9 @@ def build(algo: str) -> nn.Module:
     elif algo == "anil":
         features = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
         learner = pymeta.ANIL(features, nn.Linear(16, 3), lr=0.3, steps=2, loss_fn=F.cross_entropy, strategy="vmap")
+    elif algo == "mamlpp":  # BatchNorm: per-step running statistics, averaged over the ranks
+        learner = pymeta.MAMLpp(conv_bn(), lr=0.3, steps=2, first_order_epochs=0, strategy="vmap")
+        learner.set_epoch(3)  # the multi-step loss
     elif algo == "protonet":
         learner = pymeta.ProtoNet(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
     else:
@@ -48,6 +58,8 @@ def batch(algo: str, tasks: int, seed: int) -> tuple:
     torch.manual_seed(seed)
     if algo in ("maml", "fomaml", "metasgd", "reptile"):
         return Episode(*regression_episode(tasks, shots=5, queries=6))
+    if algo == "mamlpp":
+        return Episode(*classification_episode(tasks))
     if algo == "finetune":
         return training.Batch(torch.randn(4 * tasks, 8, dtype=torch.float64), torch.randint(0, 6, (4 * tasks,)))
     return Episode(*cluster_episode(tasks, ways=3, shots=2, queries=3))
@@ -55,12 +67,17 @@ def batch(algo: str, tasks: int, seed: int) -> tuple:
 
 def meta_grads(learner: nn.Module, algo: str, global_batch: tuple) -> tuple[list[torch.Tensor], float | None]:
     """One outer step's gradients through pymeta's own training step, sharded in a group."""
-    spec = SimpleNamespace(loss_fn=F.cross_entropy if algo in ("anil", "protonet") else F.mse_loss)
+    spec = SimpleNamespace(loss_fn=F.cross_entropy if algo in ("anil", "protonet", "mamlpp") else F.mse_loss)
     local = distributed.shard(global_batch)
     learner.zero_grad(set_to_none=True)
     loss = training.learner_step(learner, local, spec)
     loss = distributed.all_reduce_grads(learner, len(local[0]), len(global_batch[0]), loss)
     return [p.grad.clone() for p in learner.parameters() if p.grad is not None], loss
+
+
+def state(learner: pymeta.algorithms.Learner) -> list[torch.Tensor]:
+    """What a training step changes: the parameters and the learner's task statistics."""
+    return [*learner.parameters(), *learner.task_statistics()]
 
 
 def grads_worker(out: str) -> None:
@@ -74,7 +91,7 @@ def grads_worker(out: str) -> None:
             for seed in range(3):
                 meta_grads(learner, algo, batch(algo, tasks, seed=100 + seed))
                 opt.step()
-            params = [p.detach().clone() for p in learner.parameters()]
+            params = [p.detach().clone() for p in state(learner)]
             results[algo, tasks] = {"grads": grads, "loss": loss, "params": params,
                                     "local": len(distributed.shard(batch(algo, tasks, 0))[0])}
     torch.save(results, Path(out) / f"rank{distributed.rank()}.pt")
@@ -83,7 +100,7 @@ def grads_worker(out: str) -> None:
 def test_sharded_meta_gradients_equal_single_process(tmp_path):
     """Every algorithm: the all-reduced meta-gradient of 2 shards is the single-process
     meta-gradient over the same tasks (float64, 1e-10 relative), for even and odd T, and
-    after 3 Adam steps both ranks hold bit-identical parameters."""
+    after 3 Adam steps both ranks hold bit-identical parameters (and task statistics)."""
     distributed.launch(grads_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for algo in ALGOS:
@@ -96,7 +113,7 @@ def test_sharded_meta_gradients_equal_single_process(tmp_path):
                 opt.step()
             r0, r1 = ranks[0][algo, tasks], ranks[1][algo, tasks]
             err = relative_error(r0["grads"], expected)
-            params_err = relative_error(r0["params"], list(learner.parameters()))
+            params_err = relative_error(r0["params"], state(learner))
             print(f"{algo} T={tasks} shards {r0['local']}+{r1['local']}: meta-grad rel err {err:.2e}, "
                   f"params after 3 steps rel err {params_err:.2e}")
             assert r0["local"] + r1["local"] == len(batch(algo, tasks, 0)[0])

@@ -1,65 +1,25 @@
-"""pymeta.ops.inner_sgd: every runnable backend against exact math, autograd to second
-order, torch.func / vmap, opcheck, strided inputs, launch count and input errors."""
+"""pymeta.ops.inner_sgd: every runnable backend against exact math per dtype and lr form,
+tiling, strided inputs, launch count and input errors (gradcheck, opcheck and the
+transforms: tests/test_ops.py)."""
 
 import importlib
 
 import pytest
 import torch
 from conftest import report
+from op_cases import LR_FORMS, T, backend_params, lr_tensors, make_lr, torch_update
 
 from pymeta.ops import force_backend, inner_sgd
 from pymeta.ops._backends import unavailable_reason
 
 CPU = torch.device("cpu")
-T = 3
 SHAPES = [(T, 1601), (T, 40, 1), (T, 7, 5, 3, 3), (T,)]  # odd sizes, a [T] tensor
-TINY = [(T, 2), (T, 3, 1), (T,)]  # for gradcheck: the Triton interpreter is slow
-LR_FORMS = ["float", "scalar", "task", "element", "task_element", "layer"]
 
 
-def _backend_params() -> list:
-    params = []
-    for name in ("reference", "cpp", "triton"):
-        reason = unavailable_reason(name, CPU)
-        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
-    return params
-
-
-@pytest.fixture(params=_backend_params())
+@pytest.fixture(params=backend_params("reference", "cpp", "triton"))
 def backend(request):
     with force_backend(request.param):
         yield request.param
-
-
-def make_lr(form: str, shapes: list, dtype: torch.dtype, requires_grad: bool = False):
-    """The lr of ``form`` for params of ``shapes``: a float, a tensor or a list of tensors."""
-    if form == "float":
-        return 0.37
-    shape_of = {"scalar": lambda s: (), "task": lambda s: (T,), "element": lambda s: s[1:],
-                "task_element": lambda s: s, "layer": lambda s: ()}[form]
-    rates = [(torch.rand(shape_of(s), dtype=dtype) + 0.1).requires_grad_(requires_grad) for s in shapes]
-    return rates if form in ("element", "task_element", "layer") else rates[0]
-
-
-def lr_tensors(lr) -> list:
-    return [] if isinstance(lr, float) else [lr] if isinstance(lr, torch.Tensor) else list(lr)
-
-
-def torch_update(params, grads, lr, dtype=None):
-    """The plain PyTorch per-tensor loop, in ``dtype`` (default: the inputs' own)."""
-    def cast(x):
-        return x if dtype is None else x.to(dtype)
-
-    outs = []
-    for k, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if isinstance(lr, float):
-            rate = lr
-        elif isinstance(lr, torch.Tensor):
-            rate = cast(lr).view(-1, *(1,) * (p.dim() - 1)) if lr.dim() else cast(lr)
-        else:
-            rate = cast(lr[k])
-        outs.append(cast(p) - rate * cast(g))
-    return outs
 
 
 def random_inputs(shapes, dtype, requires_grad=False):
@@ -110,82 +70,6 @@ def test_matches_exact_math(backend, dtype, form):
         # The lr gradient keeps the rate's dtype; PyTorch's sums ran in the params' dtype.
         expected_plain = plain_grads[i].to(x.dtype)
         assert_within_2x_torch(f"grad[{i}]", got_grads[i], exact_grads[i], expected_plain)
-
-
-@pytest.mark.parametrize("form", LR_FORMS)
-def test_gradcheck_and_gradgradcheck(backend, form):
-    params, grads = random_inputs(TINY, torch.float64, requires_grad=True)
-    lr = make_lr(form, TINY, torch.float64, requires_grad=True)
-    rates = lr_tensors(lr)
-    n = len(params)
-
-    def fn(*xs):
-        rest = xs[2 * n :]
-        rate = lr if isinstance(lr, float) else rest[0] if isinstance(lr, torch.Tensor) else list(rest)
-        return tuple(inner_sgd(list(xs[:n]), list(xs[n : 2 * n]), rate))
-
-    # Params given as an expanded view (MAML's first step) must get the summed gradient.
-    base = torch.randn(TINY[1][1:], dtype=torch.float64, requires_grad=True)
-
-    def fn_expanded(b, *xs):
-        return fn(xs[0], b.expand(T, *b.shape), *xs[1:])
-
-    # The Triton interpreter is slow: random projections instead of full Jacobians there.
-    fast = backend == "triton"
-    assert torch.autograd.gradcheck(fn, (*params, *grads, *rates), fast_mode=fast)
-    assert torch.autograd.gradgradcheck(fn, (*params, *grads, *rates), fast_mode=fast)
-    assert torch.autograd.gradcheck(fn_expanded, (base, params[0], *params[2:], *grads, *rates), fast_mode=fast)
-
-
-def test_opcheck(backend):
-    params, grads = random_inputs(SHAPES, torch.float32)
-    params[1] = torch.randn(SHAPES[1][1:]).expand(SHAPES[1])  # a stride-0 task dim
-    # Every lr kind at once (the op takes one rate tensor per param): per element, per
-    # task, per task and element, per tensor.
-    rates = [torch.rand(SHAPES[0][1:]), torch.rand(T, 1, 1), torch.rand(SHAPES[2]), torch.rand(())]
-    grad_outs = [torch.randn(s) for s in SHAPES]
-    torch.library.opcheck(torch.ops.pymeta.inner_sgd, (params, grads, rates, 1.0))
-    torch.library.opcheck(torch.ops.pymeta.inner_sgd, (params, grads, [], 0.37))
-    for args in [(rates, 1.0, True, True), (rates, 1.0, False, True), ([], 0.37, True, False)]:
-        torch.library.opcheck(torch.ops.pymeta.inner_sgd_backward, (grad_outs, grads, *args))
-
-
-@pytest.mark.parametrize("form", ["float", "task", "element"])
-def test_torch_func_grad_and_vmap(backend, form):
-    params, grads = random_inputs(TINY, torch.float64)
-    lr = make_lr(form, TINY, torch.float64)
-    rates = lr_tensors(lr)
-
-    def loss(update, ps, gs, rs):
-        rate = lr if isinstance(lr, float) else rs[0] if isinstance(lr, torch.Tensor) else rs
-        return sum((o.sin() * (i + 1)).sum() for i, o in enumerate(update(ps, gs, rate)))
-
-    got = torch.func.grad(lambda *a: loss(inner_sgd, *a), argnums=(0, 1, 2))(params, grads, rates)
-    expected = torch.func.grad(lambda *a: loss(torch_update, *a), argnums=(0, 1, 2))(params, grads, rates)
-    for i, (a, b) in enumerate(zip([*got[0], *got[1], *got[2]], [*expected[0], *expected[1], *expected[2]], strict=True)):
-        report(f"func.grad[{i}]", a, b)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-    # vmap over a batch of B params sets (grads and rates shared), then vmap(grad) of it.
-    B = 2
-    batched = [torch.randn(B, *p.shape, dtype=torch.float64) for p in params]
-    got = torch.vmap(lambda ps: inner_sgd(ps, grads, lr))(batched)
-    for b in range(B):
-        for a, e in zip(got, torch_update([x[b] for x in batched], grads, lr), strict=True):
-            torch.testing.assert_close(a[b], e, rtol=1e-12, atol=1e-12)
-    got = torch.vmap(torch.func.grad(lambda ps: loss(inner_sgd, ps, grads, rates)))(batched)
-    for b in range(B):
-        expected = torch.func.grad(lambda ps: loss(torch_update, ps, grads, rates))([x[b] for x in batched])
-        for a, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(a[b], e, rtol=1e-12, atol=1e-12)
-    if rates:  # vmap over the rates only: per-call learning rates
-        batched_rates = [torch.rand(B, *r.shape, dtype=torch.float64) for r in rates]
-        got = torch.vmap(lambda rs: inner_sgd(params, grads, rs[0] if isinstance(lr, torch.Tensor) else rs))(batched_rates)
-        for b in range(B):
-            rate_b = [r[b] for r in batched_rates]
-            expected = torch_update(params, grads, rate_b[0] if isinstance(lr, torch.Tensor) else rate_b)
-            for a, e in zip(got, expected, strict=True):
-                torch.testing.assert_close(a[b], e, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("form", LR_FORMS)

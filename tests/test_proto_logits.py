@@ -1,4 +1,5 @@
-"""pymeta.ops.proto_logits: every backend against float64 references, autograd, transforms, errors."""
+"""pymeta.ops.proto_logits: every backend against float64 references, precision, edge cases and
+errors (gradcheck, opcheck and the transforms: tests/test_ops.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib
 import pytest
 import torch
 from conftest import report
+from op_cases import backend_params
+from op_cases import exact_logits as exact
 
 from pymeta.ops import force_backend, proto_logits
 from pymeta.ops._backends import triton_interpreting, unavailable_reason
@@ -16,32 +19,12 @@ METRICS = module.METRICS
 CPU = torch.device("cpu")
 
 
-def backend_param(name: str) -> object:
-    reason = unavailable_reason(name, CPU)
-    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}"))
-
-
-BACKENDS = [backend_param(b) for b in ("reference", "cpp", "triton")]
+BACKENDS = backend_params("reference", "cpp", "triton")
 
 
 def shape_for(backend: str) -> tuple[int, int, int, int]:
     """Odd (T, Q, N, D); the Triton interpreter runs every program in numpy, so smaller."""
     return (2, 19, 5, 97) if backend == "triton" else (3, 75, 5, 1601)
-
-
-def exact(query: torch.Tensor, protos: torch.Tensor, metric: str) -> torch.Tensor:
-    """float64 logits from explicit differences [T, Q, N, D] (fine at test sizes)."""
-    q, p = query.double(), protos.double()
-    if metric == "cosine":
-        q = q / q.norm(dim=-1, keepdim=True).clamp_min(module.EPS)
-        p = p / p.norm(dim=-1, keepdim=True).clamp_min(module.EPS)
-        return q @ p.mT
-    sq = (q.unsqueeze(2) - p.unsqueeze(1)).pow(2).sum(-1)
-    if metric == "sqeuclidean":
-        return -sq
-    # The op's convention: the gradient of |q - p| at q == p is 0 (sqrt' would give NaN).
-    hit = sq == 0
-    return -torch.where(hit, 0, torch.where(hit, 1, sq).sqrt())
 
 
 def exact_grads(query: torch.Tensor, protos: torch.Tensor, grad: torch.Tensor, metric: str) -> tuple[torch.Tensor, ...]:
@@ -163,65 +146,6 @@ def test_euclidean_gradient_at_zero_distance_is_finite(backend: str) -> None:
     with force_backend(backend):
         g1 = torch.autograd.grad(proto_logits(q1, p1, "euclidean").sum(), (q1, p1))
     assert all((g == 0).all() for g in g1)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", METRICS)
-def test_gradcheck_and_gradgradcheck(backend: str, metric: str) -> None:
-    query = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    protos = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    fast = backend == "triton"  # every numerical probe is an interpreted kernel launch
-    with force_backend(backend):
-        assert torch.autograd.gradcheck(lambda q, p: proto_logits(q, p, metric), (query, protos), fast_mode=fast)
-        assert torch.autograd.gradgradcheck(lambda q, p: proto_logits(q, p, metric), (query, protos), fast_mode=fast)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", METRICS)
-def test_opcheck(backend: str, metric: str) -> None:
-    query, protos = torch.randn(2, 5, 7), torch.randn(2, 3, 7)
-    with force_backend(backend):
-        torch.library.opcheck(torch.ops.pymeta.proto_logits.default, (query, protos, metric))
-        logits = proto_logits(query, protos, metric)
-        args = (torch.randn_like(logits), query, protos, logits, metric)
-        torch.library.opcheck(torch.ops.pymeta.proto_logits_backward.default, args)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", METRICS)
-def test_func_grad_and_vmap(backend: str, metric: str) -> None:
-    B, T, Q, N, D = 3, 2, 5, 3, 8
-    query = torch.randn(B, T, Q, D, dtype=torch.float64)
-    protos = torch.randn(B, T, N, D, dtype=torch.float64)
-    target = torch.randint(N, (B, T, Q))
-
-    def loss(q: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = proto_logits(q, p, metric)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    with force_backend(backend):
-        out = torch.vmap(lambda q, p: proto_logits(q, p, metric))(query, protos)
-        shared = torch.vmap(lambda q: proto_logits(q, protos[0], metric))(query)
-        grads = torch.vmap(torch.func.grad(loss, argnums=(0, 1)))(query, protos, target)
-        second = torch.func.grad(lambda q: torch.func.grad(loss)(q, protos[0], target[0]).square().sum())(query[0])
-    want = torch.stack([exact(query[b], protos[b], metric) for b in range(B)])
-    want_shared = torch.stack([exact(query[b], protos[0], metric) for b in range(B)])
-    report(f"{backend} {metric} vmap", out, want)
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(shared, want_shared, rtol=1e-12, atol=1e-12)
-    for b in range(B):
-        q, p = query[b].clone().requires_grad_(), protos[b].clone().requires_grad_()
-        y = target[b]
-        ref = torch.autograd.grad(torch.nn.functional.cross_entropy(exact(q, p, metric).flatten(0, 1), y.flatten()), (q, p))
-        report(f"{backend} {metric} vmap(grad) task batch {b}", grads[0][b], ref[0])
-        torch.testing.assert_close((grads[0][b], grads[1][b]), ref, rtol=1e-10, atol=1e-12)
-    q = query[0].clone().requires_grad_()
-    (gq,) = torch.autograd.grad(
-        torch.nn.functional.cross_entropy(exact(q, protos[0], metric).flatten(0, 1), target[0].flatten()), q, create_graph=True
-    )
-    (want_second,) = torch.autograd.grad(gq.square().sum(), q)
-    report(f"{backend} {metric} grad(grad)", second, want_second)
-    torch.testing.assert_close(second, want_second, rtol=1e-9, atol=1e-12)
 
 
 def test_dtype_promotion() -> None:

@@ -1,4 +1,5 @@
-"""pymeta.ops.prototypes: every backend against a per-class loop, autograd, transforms, errors."""
+"""pymeta.ops.prototypes: every backend against a per-class loop, precision, errors (gradcheck,
+opcheck and the transforms: tests/test_ops.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import report
+from op_cases import backend_params, loop_means
 
 from pymeta.ops import force_backend, proto_logits, prototypes
-from pymeta.ops._backends import triton_interpreting, unavailable_reason
+from pymeta.ops._backends import triton_interpreting
 
-CPU = torch.device("cpu")
-
-
-def backend_param(name: str) -> object:
-    reason = unavailable_reason(name, CPU)
-    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}"))
-
-
-BACKENDS = [backend_param(b) for b in ("reference", "cpp", "triton")]
+BACKENDS = backend_params("reference", "cpp", "triton")
 
 
 def episode(T: int, N: int, K: int, D: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,14 +24,6 @@ def episode(T: int, N: int, K: int, D: int, dtype: torch.dtype = torch.float32) 
 def shape_for(backend: str) -> tuple[int, int, int, int]:
     """Odd (T, N, K, D); the Triton interpreter runs every program in numpy, so smaller."""
     return (2, 5, 3, 97) if backend == "triton" else (3, 5, 3, 1601)
-
-
-def loop_means(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """float64 class means, one task and class at a time (as easyfsl computes them)."""
-    s = support.double()
-    return torch.stack([
-        torch.stack([s[t][labels[t] == c].mean(0) for c in range(n_way)]) for t in range(s.shape[0])
-    ])
 
 
 def run(backend: str, support: torch.Tensor, labels: torch.Tensor, n_way: int, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -104,48 +90,6 @@ def test_low_precision_within_twice_pytorch_error(backend: str, dtype: torch.dty
         report(f"{backend} {dtype} {name}", got, want)
         report(f"  pytorch {dtype} {name}", theirs, want)
         assert (got.double() - want).abs().max() <= 2 * (theirs.double() - want).abs().max()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_and_gradgradcheck(backend: str) -> None:
-    support, labels = episode(2, 3, 2, 4, torch.float64)
-    support.requires_grad_()
-    fast = backend == "triton"  # every numerical probe is an interpreted kernel launch
-    with force_backend(backend):
-        assert torch.autograd.gradcheck(lambda x: prototypes(x, labels, 3), (support,), fast_mode=fast)
-        assert torch.autograd.gradgradcheck(lambda x: prototypes(x, labels, 3), (support,), fast_mode=fast)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend: str) -> None:
-    support, labels = episode(2, 3, 2, 5)
-    with force_backend(backend):
-        torch.library.opcheck(torch.ops.pymeta.prototypes.default, (support, labels, 3))
-        torch.library.opcheck(torch.ops.pymeta.prototypes_backward.default, (torch.randn(2, 3, 5), labels, 3))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_grad_and_vmap(backend: str) -> None:
-    B, T, N, K, D = 3, 2, 3, 2, 6
-    support = torch.randn(B, T, N * K, D, dtype=torch.float64)
-    labels = torch.stack([episode(T, N, K, D)[1] for _ in range(B)])
-    with force_backend(backend):
-        out = torch.vmap(lambda x, y: prototypes(x, y, N))(support, labels)
-        shared = torch.vmap(lambda x: prototypes(x, labels[0], N))(support)
-        grads = torch.vmap(torch.func.grad(lambda x, y: prototypes(x, y, N).square().sum()))(support, labels)
-        hess = torch.func.grad(lambda x: torch.func.grad(lambda z: prototypes(z, labels[0], N).pow(3).sum())(x).square().sum())(support[0])
-    for b in range(B):
-        torch.testing.assert_close(out[b], loop_means(support[b], labels[b], N), rtol=1e-14, atol=1e-14)
-        torch.testing.assert_close(shared[b], loop_means(support[b], labels[0], N), rtol=1e-14, atol=1e-14)
-        x = support[b].clone().requires_grad_()
-        (want,) = torch.autograd.grad(loop_means(x, labels[b], N).square().sum(), x)
-        report(f"{backend} vmap(grad) batch {b}", grads[b], want)
-        torch.testing.assert_close(grads[b], want, rtol=1e-12, atol=1e-14)
-    x = support[0].clone().requires_grad_()
-    (g,) = torch.autograd.grad(loop_means(x, labels[0], N).pow(3).sum(), x, create_graph=True)
-    (want_hess,) = torch.autograd.grad(g.square().sum(), x)
-    report(f"{backend} grad(grad)", hess, want_hess)
-    torch.testing.assert_close(hess, want_hess, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -108,7 +108,6 @@ def test_resume_rejects_other_configs_and_bad_files(tmp_path, capsys):
     assert "cannot resume from" in resume("--inner-lr", "0.5", "--nproc", "2")  # checked before spawning
 
     payload = checkpoint.load(last)
-    payload.pop("format"), payload.pop("version")
     checkpoint.save(tmp_path / "shape.pt", {**payload, "model": {k: torch.zeros(2) for k in payload["model"]}})
     assert "does not match its config" in resume(path=str(tmp_path / "shape.pt"))
     checkpoint.save(tmp_path / "old.pt", {k: v for k, v in payload.items() if k not in ("rng", "data")})
@@ -146,10 +145,10 @@ def test_memory_options_train_the_same_model_and_are_refused_where_they_do_not_a
                             strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert runs["lean"].learner.task_chunk == 1 and runs["lean"].learner.checkpoint_steps
-    with pytest.raises(ValueError, match=r"task_chunk only applies to algo anil, fomaml, maml, metasgd, protonet, "
-                                         r"got algo 'reptile'"):
+    with pytest.raises(ValueError, match=r"task_chunk only applies to algo anil, fomaml, maml, mamlpp, matchingnet, "
+                                         r"metasgd, protonet, relationnet, relationnet-ce, got algo 'reptile'"):
         config(tmp_path, "bad", 2, algo="reptile", task_chunk=2).resolved()
-    with pytest.raises(ValueError, match=r"checkpoint_steps only applies to algo fomaml, maml, metasgd, "
+    with pytest.raises(ValueError, match=r"checkpoint_steps only applies to algo fomaml, maml, mamlpp, metasgd, "
                                          r"got algo 'protonet'"):
         config(tmp_path, "bad", 2, algo="protonet", checkpoint_steps=True).resolved()
     with pytest.raises(ValueError, match=r"checkpoint_steps recomputes second-order inner steps; first-order"):

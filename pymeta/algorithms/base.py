@@ -17,12 +17,17 @@ learner only through the members below, so a new algorithm is one file:
 * ``train_step(batch, loss_fn)``: one outer step's gradients into ``.grad`` (the
   optimizer steps after); returns the loss to log. Default: ``outer_loss(...).backward()``;
   Reptile and FineTune override it.
+* ``set_progress(step, total)``, ``outer_lr_scheduler(optimizer, total)``: how far the
+  run is, and the outer learning-rate schedule (MAML++'s annealing; default: nothing).
+* ``task_statistics()``: buffers a step updates from its tasks, which distributed
+  training averages over the ranks (default: none).
 * ``capture_blockers()``: the options that need the host inside a step, which neither a
   CUDA graph nor a ``fullgraph`` compile can hold.
 * For the ``pymeta`` command: ``class X(Learner, cli=("name",))`` registers the class in
   :data:`LEARNERS`; :meth:`from_config` builds it from a run's config, and
-  :meth:`training_batches`, ``cli_defaults`` and ``cli_options`` say what it trains on,
-  its default settings per data set and which optional settings it honours.
+  :meth:`training_batches`, ``cli_defaults``, ``cli_options`` and ``cli_tasks`` say what
+  it trains on, its default settings per data set, which optional settings it honours
+  and which task families (classification, regression) it learns.
 * Evaluation (validation and test in the command): :meth:`eval_batches` (what to
   evaluate on; default: the data set's episodes), :meth:`task_metric` (each task's
   metric on a batch; default: query accuracy or MSE of ``episode``) and
@@ -34,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -83,6 +89,8 @@ class Learner(nn.Module):
     cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # Which of CLI_OPTIONS ``from_config`` passes on (others are refused by the command).
     cli_options: ClassVar[frozenset[str]] = frozenset()
+    # The task families it learns: the command refuses data of another before anything runs.
+    cli_tasks: ClassVar[tuple[str, ...]] = ("classification", "regression")
     # What the K columns of a [T, K] task_metric are (a plot's axis label); "" for [T].
     metric_columns: ClassVar[str] = ""
 
@@ -105,6 +113,10 @@ class Learner(nn.Module):
     def query_loss(self, support_y: Tensor) -> LossFn:
         """The outer loss :meth:`meta_loss` uses by default."""
         return default_loss(support_y)
+
+    def _check_targets(self, pred: Tensor, query_y: Tensor, loss_fn: LossFn) -> None:
+        """Check ``query_y`` against the predictions ``pred: [T, Q, ...]`` for ``loss_fn``."""
+        _validate.targets("query_y", pred, query_y, loss_fn)
 
     @property
     def inner_steps(self) -> int | None:
@@ -160,20 +172,39 @@ class Learner(nn.Module):
             A scalar: the mean over tasks of each task's query loss.
         """
         default, predict = self._chunk_predictor(support_x, support_y, query_x)
-        loss_fn = loss_fn or default
+        task_loss_sum = self._task_loss_sum(predict, loss_fn or default, query_x, query_y)
+        chunk = self.task_chunk if task_chunk is None else task_chunk
+        return chunked_mean_loss(task_loss_sum, support_x.shape[0], chunk, list(self.parameters()))
+
+    def _task_loss_sum(
+        self,
+        predict: Callable[[slice], Tensor | list[tuple[float | Tensor, Tensor]]],
+        loss_fn: LossFn,
+        query_x: Tensor,
+        query_y: Tensor,
+    ) -> Callable[[slice], Tensor]:
+        """``fn(tasks)``: the summed query loss of those tasks, after checking ``query_y``.
+
+        ``predict(tasks)`` gives their predictions ``[t, Q, ...]``, or ``(weight,
+        predictions)`` pairs whose weighted losses add up (MAML++'s multi-step loss).
+        """
         _validate.tensor("query_y", query_y)
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 0, "the number of tasks")
         _validate.same_dim(("query_x", "query_y"), query_x, query_y, 1, "the number of queries")
         # Per-task losses as the learner's strategy computes them ("loop": one call per task).
         strategy = self.strategy or "loop"
 
-        def task_loss_sum(tasks: slice) -> Tensor:
-            pred = predict(tasks)
-            _validate.targets("query_y", pred, query_y[tasks], loss_fn)
-            return TaskBatched.losses(loss_fn, pred, query_y[tasks], strategy).sum()
+        def loss_sum(pred: Tensor, target: Tensor) -> Tensor:
+            self._check_targets(pred, target, loss_fn)
+            return TaskBatched.losses(loss_fn, pred, target, strategy).sum()
 
-        chunk = self.task_chunk if task_chunk is None else task_chunk
-        return chunked_mean_loss(task_loss_sum, support_x.shape[0], chunk, list(self.parameters()))
+        def task_loss_sum(tasks: slice) -> Tensor:
+            out = predict(tasks)
+            if isinstance(out, Tensor):
+                return loss_sum(out, query_y[tasks])
+            return sum(weight * loss_sum(pred, query_y[tasks]) for weight, pred in out)
+
+        return task_loss_sum
 
     def outer_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_fn: LossFn
@@ -186,6 +217,7 @@ class Learner(nn.Module):
         if self.task_chunk is not None:
             return self.meta_loss(support_x, support_y, query_x, query_y, loss_fn=loss_fn)
         pred = self.episode(support_x, support_y, query_x)
+        self._check_targets(pred, query_y, loss_fn)
         return loss_fn(pred.flatten(0, 1), query_y.flatten(0, 1))
 
     # ---------------------------------------------------------------- training hooks
@@ -199,6 +231,25 @@ class Learner(nn.Module):
         loss = self.outer_loss(*batch, loss_fn)
         loss.backward()
         return loss.detach()
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Called by ``pymeta train`` before each outer step, ``step`` counting from 1 to
+        ``total``: for learners whose training changes over a run (MAML++'s annealing
+        schedules). Default: nothing."""
+
+    def outer_lr_scheduler(
+        self, optimizer: torch.optim.Optimizer, total: int, state: Mapping[str, Any] | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The schedule ``pymeta train`` steps after each of the ``total`` outer steps
+        (restored from ``state`` when a run resumes), or None for a constant rate (default)."""
+        return None
+
+    def task_statistics(self) -> list[Tensor]:
+        """Buffers a training step updates from its tasks' batch statistics (MAML++'s
+        per-step BatchNorm running statistics; default: none). Distributed training
+        averages them over the ranks, weighted by their shares of the tasks
+        (:func:`pymeta.distributed.all_reduce_grads`), so they stay equal on every rank."""
+        return []
 
     def capture_blockers(self) -> list[str]:
         """Options of this learner (and its sub-learners) that need the host during a

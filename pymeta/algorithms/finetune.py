@@ -66,6 +66,7 @@ class FineTune(Learner, cli=("finetune",)):
     # pre-training batches of meta_batch * ways * (shots + queries) images, then 100
     # full-batch SGD steps of a zero-initialised head per task.
     cli_defaults: ClassVar[dict[str, dict[str, Any]]] = {"glyphs": dict(inner_steps=100, inner_lr=0.5), "folder": dict(inner_steps=100, inner_lr=0.5)}
+    cli_tasks = ("classification",)
 
     def __init__(
         self,

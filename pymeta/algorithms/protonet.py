@@ -61,6 +61,7 @@ class ProtoNet(Learner, cli=("protonet",)):
     """
 
     cli_options = frozenset({"task_chunk", "cuda_graph"})
+    cli_tasks = ("classification",)
 
     def __init__(
         self,
@@ -117,6 +118,18 @@ class ProtoNet(Learner, cli=("protonet",)):
     def query_loss(self, support_y: Tensor) -> LossFn:
         return F.cross_entropy
 
+    def _check_targets(self, pred: Tensor, query_y: Tensor, loss_fn: LossFn) -> None:
+        """Query labels must have a prototype: with N inferred from ``support_y``, a query
+        class above every support label would otherwise fail as an index error."""
+        if self.n_way is None and _validate.is_classification_loss(loss_fn) and pred.dim() == 3:
+            n_way = pred.shape[-1]
+            _validate.value_check(
+                lambda: _query_classes_have_prototypes(query_y, n_way), query_y, ok=lambda: (query_y < n_way).all(),
+                message=f"query_y must hold only classes with support examples: ProtoNet took N = {n_way} classes "
+                        "from support_y (its largest label + 1)",
+            )
+        super()._check_targets(pred, query_y, loss_fn)
+
     def capture_blockers(self) -> list[str]:
         blockers = super().capture_blockers()
         if self.n_way is None:
@@ -141,3 +154,15 @@ class ProtoNet(Learner, cli=("protonet",)):
         if n_way < 2:
             raise ValueError(f"support_y must hold at least 2 classes (labels 0..N-1), got only class {n_way - 1}")
         return n_way
+
+
+def _query_classes_have_prototypes(query_y: Tensor, n_way: int) -> None:
+    beyond = query_y >= n_way
+    if beyond.any():
+        t, q = (int(i) for i in beyond.nonzero()[0])
+        label = int(query_y[t, q])
+        raise ValueError(
+            f"query_y[{t}, {q}] = {label}, but class {label} has no support example in any task: ProtoNet took "
+            f"N = {n_way} classes from support_y (its largest label + 1), so there is no prototype for class "
+            f"{label}; give every query class support examples, or pass ProtoNet(..., n_way=N) to require all N"
+        )

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pymeta.core.lowered import Layer, NotLowerable, lower
-from pymeta.core.norms import EpisodeFunctions, has_batch_norm, has_max_pool2d
+from pymeta.core.norms import EpisodeFunctions, Stats, has_batch_norm, has_max_pool2d
 from pymeta.ops._backends import capturing
 
 STRATEGIES = ("auto", "lowered", "vmap", "loop")
@@ -222,32 +222,53 @@ class TaskBatched:
         """Initial fast weights: each parameter viewed as ``[T, *shape]`` (no copy)."""
         return {n: p.unsqueeze(0).expand(num_tasks, *p.shape) for n, p in params.items()}
 
-    def _function_mode(self, strategy: str) -> contextlib.AbstractContextManager:
-        """The :class:`EpisodeFunctions` this model needs under ``strategy``, if any."""
+    def _function_mode(
+        self, strategy: str, record: Stats | None = None, weights: FastWeights | None = None
+    ) -> contextlib.AbstractContextManager:
+        """The :class:`EpisodeFunctions` this model needs under ``strategy``, if any; with
+        ``record``, marking the layers whose running statistics are in ``weights``."""
         max_pool = self._max_pool and strategy == "loop"
+        if record is not None:
+            marks = [(n.removesuffix(".running_mean"), w) for n, w in weights.items() if n.endswith(".running_mean")]
+            return EpisodeFunctions(batch_norm=self._norms, max_pool=max_pool, record=record, marks=marks)
         if self._norms or max_pool:
             return EpisodeFunctions(batch_norm=self._norms, max_pool=max_pool)
         return contextlib.nullcontext()
 
-    def forward(self, weights: FastWeights, x: Tensor, strategy: str) -> Tensor:
-        """``weights: {name: [T, *shape]}``, ``x: [T, B, ...]`` -> ``[T, B, ...]``."""
+    def forward(self, weights: FastWeights, x: Tensor, strategy: str, record: Stats | None = None) -> Tensor:
+        """``weights: {name: [T, *shape]}``, ``x: [T, B, ...]`` -> ``[T, B, ...]``.
+
+        ``weights`` may also hold BatchNorm running statistics ``[T, C]`` by buffer name
+        (``"3.running_mean"``), which replace the layer's own; with a ``record`` dict,
+        each such layer that normalises with batch statistics puts them there as
+        ``record[layer name] = (mean [T, C], var [T, C])`` (:mod:`pymeta.core.norms`).
+        """
         if strategy == "lowered":  # applies the BatchNorm episode policy itself
-            return self.lowered()(weights, x)
+            return self.lowered()(weights, x, record)
         # Buffers are read-only inside episodes: modules that bump a counter in place
         # (BatchNorm's num_batches_tracked) get a private copy.
-        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        with self._function_mode(strategy):
-            if strategy == "vmap":
+        buffers = {n: b.clone() for n, b in self.module.named_buffers() if n not in weights}
+        if strategy == "vmap":
 
-                def one_task(w: FastWeights, xt: Tensor) -> Tensor:
-                    return functional_call(self.module, (w, buffers), (xt,))
+            def one_task(w: FastWeights, xt: Tensor) -> tuple[Tensor, Stats]:
+                stats: Stats = {}  # per task here; vmap stacks them to [T, C]
+                with self._function_mode(strategy, None if record is None else stats, w):
+                    return functional_call(self.module, (w, buffers), (xt,)), stats
 
-                return torch.vmap(one_task, randomness="different")(weights, x)
-            outs = [
-                functional_call(self.module, ({n: w[t] for n, w in weights.items()}, buffers), (x[t],))
-                for t in range(x.shape[0])
-            ]
-            return torch.stack(outs)
+            out, stats = torch.vmap(one_task, randomness="different")(weights, x)
+            if record is not None:
+                record.update(stats)
+            return out
+        outs, per_task = [], []
+        for t in range(x.shape[0]):
+            w, stats = {n: v[t] for n, v in weights.items()}, {}
+            with self._function_mode(strategy, None if record is None else stats, w):
+                outs.append(functional_call(self.module, (w, buffers), (x[t],)))
+            per_task.append(stats)
+        if record is not None:  # [T, C] per statistic, as vmap stacks them
+            record.update({n: tuple(map(torch.stack, zip(*(s[n] for s in per_task), strict=True)))
+                           for n in per_task[0]})
+        return torch.stack(outs)
 
     @staticmethod
     def losses(loss_fn: LossFn, pred: Tensor, target: Tensor, strategy: str) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -10,10 +11,12 @@ from torch.autograd.function import once_differentiable
 
 from pymeta import _validate
 from pymeta.core.batched import FastWeights, LossFn, TaskBatched
+from pymeta.core.norms import Stats
 from pymeta.ops import inner_sgd
 from pymeta.ops._backends import capturing
 
 InnerLR = float | Tensor | Sequence[Tensor]
+Aux = TypeVar("Aux")
 
 
 def trainable(weights: FastWeights, leaf: bool = False) -> FastWeights:
@@ -43,6 +46,10 @@ def inner_loop(
     strategy: str,
     check_finite: bool = False,
     checkpoint: bool = False,
+    *,
+    extra: FastWeights | None = None,
+    record: list[Stats] | None = None,
+    first_step: int = 0,
 ) -> FastWeights:
     """Take ``steps`` SGD steps on every task's loss at once.
 
@@ -59,6 +66,14 @@ def inner_loop(
             recompute the step in ``backward`` (:class:`_CheckpointedStep`). Memory per
             step drops from a support forward+backward graph to one set of weights; the
             cost is one more support forward and backward per step.
+        extra: ``{name: [T, ...]}`` tensors the model runs with but the loop does not
+            adapt (e.g. MAML++'s per-step BatchNorm weights and running statistics; see
+            :meth:`TaskBatched.forward`); they are differentiated through like ``lr``.
+        record: a list: each step appends the batch statistics of its support forward
+            (``TaskBatched.forward``'s ``record``), returned out of the gradient
+            transform, so this also works under ``torch.compile``.
+        first_step: the index of the first step (for messages and the one-time target
+            check): a learner whose steps differ (MAML++) calls this once per step.
 
     The loss summed over tasks has, w.r.t. task t's fast weights, exactly task t's own
     gradient (tasks share no fast weight), so one ``autograd.grad`` call serves all T.
@@ -69,33 +84,46 @@ def inner_loop(
     create_graph = not first_order and torch.is_grad_enabled()
     names = list(weights)
     values = [weights[n] for n in names]
+    extra = extra or {}
 
-    def step_fn(step: int, values: list[Tensor], lr: InnerLR, create_graph: bool) -> list[Tensor]:
-        def summed_loss(values: list[Tensor]) -> tuple[Tensor, Tensor]:
-            pred = batched.forward(dict(zip(names, values, strict=True)), x, strategy)
+    def step_fn(
+        step: int, values: list[Tensor], lr: InnerLR, extra: FastWeights, create_graph: bool, record: list[Stats] | None
+    ) -> list[Tensor]:
+        def summed_loss(values: list[Tensor]) -> tuple[Tensor, tuple[Tensor, Stats]]:
+            stats: Stats = {}
+            pred = batched.forward({**extra, **dict(zip(names, values, strict=True))}, x, strategy,
+                                   None if record is None else stats)
             if step == 0:  # shapes do not change between steps
                 _validate.targets("support_y", pred, y, loss_fn)
             losses = batched.losses(loss_fn, pred, y, strategy)
-            return losses.sum(), losses
+            return losses.sum(), (losses, stats)
 
-        grads, losses = task_gradients(summed_loss, values, create_graph)
+        grads, (losses, stats) = task_gradients(summed_loss, values, create_graph)
+        if record is not None:
+            record.append(stats)
         if check_finite:
             check_finite_step(step, losses, dict(zip(names, grads, strict=True)))
         return inner_sgd(values, grads, lr)
 
     with torch.enable_grad():
-        for step in range(steps):
+        for step in range(first_step, first_step + steps):
             if checkpoint and create_graph and not torch.compiler.is_compiling():
-                lr_tensors = _lr_tensors(lr)
-                values = list(_CheckpointedStep.apply(step_fn, step, lr, len(values), *values, *lr_tensors))
+                # Extra tensors without gradients (running statistics) are constants of the
+                # step, held as they are: saving them would forbid their later in-place update.
+                learned = {n: t for n, t in extra.items() if t.requires_grad}
+                constants = {n: t for n, t in extra.items() if not t.requires_grad}
+                values = list(_CheckpointedStep.apply(
+                    step_fn, step, lr, record, constants, tuple(learned), len(values),
+                    *values, *_lr_tensors(lr), *learned.values(),
+                ))
             else:
-                values = step_fn(step, values, lr, create_graph)
+                values = step_fn(step, values, lr, extra, create_graph, record)
     return dict(zip(names, values, strict=True))
 
 
 def task_gradients(
-    summed_loss: Callable[[list[Tensor]], tuple[Tensor, Tensor]], values: list[Tensor], create_graph: bool
-) -> tuple[list[Tensor], Tensor]:
+    summed_loss: Callable[[list[Tensor]], tuple[Tensor, Aux]], values: list[Tensor], create_graph: bool
+) -> tuple[list[Tensor], Aux]:
     """Gradients of ``summed_loss(values)[0]`` w.r.t. ``values``, and its aux output.
 
     Eager: one ``torch.autograd.grad``, with ``create_graph`` for second order. Inside
@@ -132,34 +160,44 @@ class _CheckpointedStep(torch.autograd.Function):
 
     ``forward`` takes the step without building a graph; ``backward`` rebuilds it from
     the saved fast weights (same RNG state, so dropout masks repeat) and returns the
-    vector-Jacobian product for the weights and the learning-rate tensors, which
-    includes the second-order (Hessian-vector) terms.
+    vector-Jacobian product for the weights, the learning-rate tensors and the ``extra``
+    tensors that require grad, which includes the second-order (Hessian-vector) terms.
     """
 
     @staticmethod
-    def forward(ctx, step_fn, step, lr, num_values, *inputs):
-        values, lr_tensors = list(inputs[:num_values]), inputs[num_values:]
+    def forward(ctx, step_fn, step, lr, record, constants, extra_names, num_values, *inputs):
         ctx.step_fn, ctx.step, ctx.lr, ctx.num_values = step_fn, step, lr, num_values
-        ctx.rng = _rng_state(values[0].device)
+        ctx.constants, ctx.extra_names = constants, extra_names
+        ctx.rng = _rng_state(inputs[0].device)
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():
-            detached = [v.detach().requires_grad_() for v in values]
-            new = step_fn(step, detached, _with_lr_tensors(lr, [t.detach() for t in lr_tensors]), False)
+            detached = [t.detach() for t in inputs]
+            for v in detached[:num_values]:
+                v.requires_grad_()
+            new = step_fn(step, *_CheckpointedStep._split(ctx, detached), False, record)
         return tuple(w.detach() for w in new)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
         inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-        values, lr_tensors = inputs[: ctx.num_values], inputs[ctx.num_values:]
-        with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(values[0].device)):
-            _set_rng_state(values[0].device, ctx.rng)
-            new = ctx.step_fn(ctx.step, values, _with_lr_tensors(ctx.lr, lr_tensors), True)
+        device = inputs[0].device
+        with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(device)):
+            _set_rng_state(device, ctx.rng)
+            new = ctx.step_fn(ctx.step, *_CheckpointedStep._split(ctx, inputs), True, None)
         wanted = [t for t, original in zip(inputs, ctx.saved_tensors, strict=True) if original.requires_grad]
         grads = iter(torch.autograd.grad(new, wanted, grad_outputs, allow_unused=True))
-        return (None, None, None, None, *(
+        return (None, None, None, None, None, None, None, *(
             next(grads) if original.requires_grad else None for original in ctx.saved_tensors
         ))
+
+    @staticmethod
+    def _split(ctx, inputs: list[Tensor]) -> tuple[list[Tensor], InnerLR, FastWeights]:
+        """``(values, lr, extra)`` from the flat inputs ``[*values, *lr tensors, *extra tensors]``."""
+        num_extra = len(ctx.extra_names)
+        values, rest = inputs[: ctx.num_values], inputs[ctx.num_values : len(inputs) - num_extra]
+        extra = dict(zip(ctx.extra_names, inputs[len(inputs) - num_extra :], strict=True))
+        return values, _with_lr_tensors(ctx.lr, rest), {**ctx.constants, **extra}
 
 
 def _cuda_devices(device: torch.device) -> list[torch.device]:

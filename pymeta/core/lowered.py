@@ -21,7 +21,9 @@ elementwise activations                    unchanged (shape-agnostic)
 =========================================  ==============================================
 
 A weight absent from the fast weights (not adapted) is shared by all tasks and used
-unbatched. Anything else (a module with its own ``forward``, e.g. a residual block)
+unbatched; BatchNorm running statistics given with the fast weights (``[T, C]``) replace
+the layer's own, and with a ``record`` dict a BatchNorm layer given them puts the batch
+statistics it normalised with there (:mod:`pymeta.core.norms`). Anything else (a module with its own ``forward``, e.g. a residual block)
 makes :func:`lower` raise :class:`NotLowerable`, and ``strategy="auto"`` then uses
 ``vmap`` instead. Results equal the per-task model's up to floating-point rounding.
 """
@@ -34,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.max_pool2d import max_pool2d
 
-# weights: fast weights {name: [T, *shape]}; x: [T, B, ...] -> [T, B, ...]
-Layer = Callable[[dict[str, Tensor], Tensor], Tensor]
+# (weights: fast weights {name: [T, *shape]}, x: [T, B, ...], record) -> [T, B, ...];
+# record: None, or where BatchNorm layers put their batch statistics.
+Layer = Callable[[dict[str, Tensor], Tensor, Stats | None], Tensor]
 
 # Modules that act on each element (or each example) alone, so the task dim is just
 # another leading dim. Dropout draws independent masks per element, hence per task.
@@ -58,7 +62,7 @@ class NotLowerable(ValueError):
 
 
 def lower(module: nn.Module) -> Layer:
-    """The batched forward of ``module``: ``fn(weights, x [T, B, ...]) -> [T, B, ...]``.
+    """The batched forward of ``module``: ``fn(weights, x [T, B, ...], record) -> [T, B, ...]``.
 
     Raises:
         NotLowerable: naming the first unsupported submodule and its type.
@@ -71,21 +75,21 @@ def _lower(module: nn.Module, prefix: str) -> Layer:
         children = _pool_before_relu(list(module.named_children()))
         layers = [_lower(child, f"{prefix}{name}.") for name, child in children]
 
-        def sequential(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        def sequential(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
             for layer in layers:
-                x = layer(weights, x)
+                x = layer(weights, x, record)
             return x
 
         return sequential
     if isinstance(module, ELEMENTWISE):
-        return lambda weights, x: module(x)
+        return lambda weights, x, record: module(x)
     if isinstance(module, PER_EXAMPLE):
-        return lambda weights, x: module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return lambda weights, x, record: module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
     if isinstance(module, nn.Flatten):
         # Shift the flattened dims past the task dim; negative dims count from the end.
         start = module.start_dim + 1 if module.start_dim >= 0 else module.start_dim
         end = module.end_dim + 1 if module.end_dim >= 0 else module.end_dim
-        return lambda weights, x: x.flatten(start, end)
+        return lambda weights, x, record: x.flatten(start, end)
     for kind, lowering in LOWERINGS.items():
         if type(module) is kind:
             return lowering(module, prefix)
@@ -115,7 +119,7 @@ def _pool_before_relu(children: list[tuple[str, nn.Module]]) -> list[tuple[str, 
 
 
 def _getter(module: nn.Module, prefix: str) -> Callable[[dict[str, Tensor], str], Tensor | None]:
-    """Reads a parameter: the task-batched fast weight if adapted, else the module's own."""
+    """Reads a parameter or buffer: the task-batched one in ``weights`` if given, else the module's own."""
 
     def get(weights: dict[str, Tensor], name: str) -> Tensor | None:
         return weights.get(prefix + name, getattr(module, name))
@@ -133,7 +137,7 @@ def _per_task(value: Tensor | None, shared_dims: int, num_tasks: int) -> Tensor 
 def _linear(module: nn.Linear, prefix: str) -> Layer:
     get = _getter(module, prefix)
 
-    def linear(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    def linear(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
         if weight.dim() == 2:  # shared weight: one plain matmul over all tasks
             out = F.linear(x, weight)
@@ -194,7 +198,7 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
     get = _getter(module, prefix)
     options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
 
-    def conv2d(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    def conv2d(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
         num_tasks, batch = x.shape[:2]
         if weight.dim() == 4 and (bias is None or bias.dim() == 1):  # all shared
@@ -215,22 +219,25 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
     get = _getter(module, prefix)
 
-    def batch_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    def batch_norm(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         num_tasks = x.shape[0]
         # Tasks folded into channels, [B, T*C, ...], so one kernel normalises every task
-        # with its own affine weights.
+        # with its own affine weights (and, in eval mode, running statistics).
         weight, bias = (
             None if p is None else _per_task(p, 1, num_tasks).flatten()
             for p in (get(weights, "weight"), get(weights, "bias"))
         )
+        folded = _fold_tasks(x)
         # The mode is read at call time, as nn.BatchNorm does: eval mode with running
-        # statistics uses them (the same for every task); otherwise per-task batch
-        # statistics, running statistics neither read nor written (pymeta.core.norms).
+        # statistics uses them; otherwise per-task batch statistics, running statistics
+        # neither read nor written (pymeta.core.norms).
         if module.training or module.running_mean is None:
+            if record is not None and prefix + "running_mean" in weights:
+                record[prefix[:-1]] = tuple(s.view(num_tasks, -1) for s in batch_statistics(folded))
             mean = var = None
         else:
-            mean, var = module.running_mean.repeat(num_tasks), module.running_var.repeat(num_tasks)
-        out = F.batch_norm(_fold_tasks(x), mean, var, weight, bias, mean is None, 0.0, module.eps)
+            mean, var = (_per_task(get(weights, n), 1, num_tasks).flatten() for n in ("running_mean", "running_var"))
+        out = F.batch_norm(folded, mean, var, weight, bias, mean is None, 0.0, module.eps)
         return _unfold_tasks(out, num_tasks)
 
     return batch_norm
@@ -239,7 +246,7 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
 def _layer_norm(module: nn.LayerNorm, prefix: str) -> Layer:
     get = _getter(module, prefix)
 
-    def layer_norm(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    def layer_norm(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
         shape = module.normalized_shape
         if (weight is None or weight.dim() == len(shape)) and (bias is None or bias.dim() == len(shape)):
@@ -260,7 +267,7 @@ def _max_pool2d(module: nn.MaxPool2d, prefix: str) -> Layer:
     options = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
                module.return_indices)  # fmt: skip
     # pymeta's max_pool2d: F.max_pool2d's results with a faster CPU path.
-    return lambda weights, x: max_pool2d(x.flatten(0, 1), *options).unflatten(0, x.shape[:2])
+    return lambda weights, x, record: max_pool2d(x.flatten(0, 1), *options).unflatten(0, x.shape[:2])
 
 
 LOWERINGS: dict[type[nn.Module], Callable[[nn.Module, str], Layer]] = {

@@ -14,6 +14,14 @@ A BatchNorm layer inside ``episode`` does what it does in PyTorch, with tasks ke
   unbatched buffer is an error under ``vmap`` anyway), so ``episode`` never corrupts
   the statistics a user saved.
 
+Per-step statistics (MAML++): a caller may pass a BatchNorm layer's ``running_mean`` and
+``running_var`` with the fast weights (:meth:`pymeta.core.batched.TaskBatched.forward`),
+which then replace the layer's own in eval mode, and ask for the batch statistics each
+such layer normalised with in train mode (``record``): ``{layer name: (mean, var)}``,
+each ``[T, C]``, per task, unbiased variance as ``F.batch_norm`` uses for its running
+update, computed without a graph. The episode itself still writes no statistics; the
+caller decides what to do with them.
+
 On exactness: ``vmap`` over ``torch.func.grad`` gives wrong second-order gradients
 through ``batch_norm`` in training mode and affine ``layer_norm`` (pytorch/functorch
 issue 534, open since 2022; measured here in float64 on a conv net with BatchNorm: the
@@ -30,6 +38,9 @@ where float32 meta-gradients through BatchNorm must be tight.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -56,6 +67,16 @@ def has_max_pool2d(module: nn.Module) -> bool:
     return any(isinstance(m, nn.MaxPool2d) for m in module.modules())
 
 
+Stats = dict[str, tuple[Tensor, Tensor]]  # {BatchNorm layer name: (mean, var)}
+
+
+def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, unbiased var)`` of ``x: [B, C, ...]`` as ``[C]`` each, no graph."""
+    with torch.no_grad():
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=1)
+    return mean, var
+
+
 class EpisodeFunctions(TorchFunctionMode):
     """Function overrides active while a model runs inside an episode.
 
@@ -66,12 +87,26 @@ class EpisodeFunctions(TorchFunctionMode):
         max_pool: ``F.max_pool2d`` takes :func:`pymeta.ops.max_pool2d`'s fast CPU path
             (same results, a faster forward kernel). Not under ``vmap``, which would need
             a batching rule for it.
+        record: where a batch-statistics ``F.batch_norm`` call of a layer in ``marks``
+            puts ``record[name] = (mean, var)`` of its input (:func:`batch_statistics`).
+        marks: ``(name, tensor)`` pairs: the layer whose ``running_mean`` *is* ``tensor``
+            (the one passed to ``functional_call``, which the layer hands to
+            ``F.batch_norm``) is ``name``. Created per call, inside any ``vmap``, so the
+            tensors are the ones the layers see.
     """
 
-    def __init__(self, batch_norm: bool = True, max_pool: bool = False) -> None:
+    def __init__(
+        self,
+        batch_norm: bool = True,
+        max_pool: bool = False,
+        record: Stats | None = None,
+        marks: Sequence[tuple[str, Tensor]] = (),
+    ) -> None:
         super().__init__()
         self.batch_norm = batch_norm
         self.max_pool = max_pool
+        self.record = record
+        self.marks = marks
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -81,8 +116,8 @@ class EpisodeFunctions(TorchFunctionMode):
             return max_pool2d(*args, **kwargs)
         return func(*args, **kwargs)
 
-    @staticmethod
     def _batch_norm(
+        self,
         input: Tensor,
         running_mean: Tensor | None,
         running_var: Tensor | None,
@@ -94,4 +129,11 @@ class EpisodeFunctions(TorchFunctionMode):
     ) -> Tensor:
         if not training:  # eval mode: the running statistics, exactly as PyTorch
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+        if self.record is not None:
+            for name, mark in self.marks:
+                if running_mean is mark:
+                    if name in self.record:
+                        raise ValueError(f"BatchNorm layer {name!r} runs more than once per forward: its batch "
+                                         "statistics per inner step are ambiguous (use one layer per call)")
+                    self.record[name] = batch_statistics(input)
         return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)

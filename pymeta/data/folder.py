@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from pymeta import _validate
+from pymeta.data import _images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -25,7 +25,6 @@ SPLIT_FOLDERS = {
     "val": ("val", "validation", "valid"),
     "test": ("test", "images_evaluation", "evaluation"),
 }
-_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def _is_image(name: str) -> bool:
@@ -106,15 +105,25 @@ class ImageFolderClasses(Dataset):
 
     ``split=None`` reads ``root`` itself as the class tree.
 
+    Image modes: 8-bit ones through Pillow, 16-bit grayscale (16-bit PNGs) scaled by
+    65535, 32-bit float in [0, 1]; any other mode is an error naming the file (see
+    :mod:`pymeta.data._images`).
+
     Args:
-        grayscale: one channel (True) or RGB (False); None decides from the first
-            image's mode (Omniglot is grayscale, miniImageNet colour).
+        grayscale: one channel (True) or RGB (False); None decides from the images'
+            modes: the majority of all images with ``verify=True``, else the first
+            image's (Omniglot is grayscale, miniImageNet colour).
         image_size: side S every image is resized to (ignoring aspect ratio, as the
             standard miniImageNet pipelines do); None means 28 for grayscale (the
             Omniglot convention) and 84 for colour (miniImageNet).
         invert: ``1 - x``; use it on Omniglot (dark strokes on white) to match
             :class:`Glyphs`, where 1 = ink.
         transform: optional callable applied to each image tensor ``[C, S, S]``.
+        verify: decode every image once now (with a progress bar; the result is cached,
+            see :func:`pymeta.data._images.verify`) and leave out the files that cannot
+            be used (unreadable, truncated, unsupported mode), with one warning naming
+            them. Without it, such a file raises when it is first drawn, naming it.
+        progress: show the verification's progress bar.
 
     Items are ``(x, label)``: ``x`` float32 ``[C, S, S]`` in [0, 1], ``label`` in
     ``0..num_classes-1``. Attributes: ``labels``, ``class_names``, ``paths``.
@@ -128,6 +137,8 @@ class ImageFolderClasses(Dataset):
         grayscale: bool | None = None,
         invert: bool = False,
         transform: Callable[[Tensor], Tensor] | None = None,
+        verify: bool = False,
+        progress: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -139,13 +150,36 @@ class ImageFolderClasses(Dataset):
                 f"no images found under {str(self.directory)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                 f"in it and its subfolders; it contains: {_list_dir(self.directory)})"
             )
-        if grayscale is None:
+        modes = self._leave_out_unusable(progress) if verify else []
+        if grayscale is None and modes:
+            grayscale = 2 * sum(mode in _images.GRAYSCALE_MODES for mode in modes) > len(modes)
+        elif grayscale is None:
             with Image.open(self.paths[0]) as first:
-                grayscale = first.mode in _GRAYSCALE_MODES
+                grayscale = first.mode in _images.GRAYSCALE_MODES
         self.grayscale = grayscale
         self.image_size = (28 if grayscale else 84) if image_size is None else _validate.positive_int("image_size", image_size)
         self.invert = invert
         self.transform = transform
+
+    def _leave_out_unusable(self, progress: bool) -> list[str]:
+        """Verify every file, drop the unusable ones (and classes left empty); return the
+        modes of the files kept."""
+        bad, modes = _images.verify(self.paths, progress)
+        if not bad:
+            return modes
+        listing = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:20])
+        more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
+        warnings.warn(f"left out {len(bad)} of {len(self.paths)} images under {self.directory} that cannot be "
+                      f"used: {listing}{more}", stacklevel=3)
+        keep = [i for i, path in enumerate(self.paths) if str(path) not in bad]
+        if not keep:
+            raise ValueError(f"no usable images under {str(self.directory)!r}: all {len(self.paths)} failed to read")
+        used = sorted({self.labels[i] for i in keep})
+        relabel = {old: new for new, old in enumerate(used)}
+        self.class_names = [self.class_names[c] for c in used]
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = [relabel[self.labels[i]] for i in keep]
+        return [modes[i] for i in keep]
 
     @property
     def num_classes(self) -> int:
@@ -156,14 +190,7 @@ class ImageFolderClasses(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """Example ``index``: ``(x [C, S, S] float32 in [0, 1], label)``, C = 1 or 3."""
-        with Image.open(self.paths[index]) as img:
-            img = img.convert("L" if self.grayscale else "RGB")
-            size = (self.image_size, self.image_size)
-            if img.size != size:
-                img = img.resize(size, Image.Resampling.LANCZOS)
-            pixels = np.array(img, dtype=np.uint8)
-        x = torch.from_numpy(pixels).float().div_(255.0)
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+        x = _images.read(self.paths[index], self.grayscale, self.image_size)
         if self.invert:
             x = 1.0 - x
         if self.transform is not None:

@@ -1,15 +1,23 @@
-"""pymeta's fused ops: one autograd-aware custom op per file, four backends each.
+"""pymeta's fused ops: one autograd-aware custom op per file, up to four backends each.
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
 (per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary) and ``memory_access`` (one MANN step: LRU write and cosine reads).
-``backends()`` says which backends run here and why the others do not.
+temporary), ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward),
+``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over every (query,
+class) pair, no ``[Q * N, 2C, H, W]`` pairs) and ``memory_access`` (one MANN step: LRU
+write and cosine reads). ``backends()`` says which backends run here and why the others
+do not; ``usage()`` which backend each op call of this process ran on, and why.
 """
 
-from pymeta.ops._backends import backends, force_backend
+from pymeta.ops._backends import backends, force_backend, reset_usage, usage
 from pymeta.ops.inner_sgd import inner_sgd
+from pymeta.ops.max_pool2d import max_pool2d
 from pymeta.ops.memory_access import memory_access
 from pymeta.ops.proto_logits import proto_logits
 from pymeta.ops.prototypes import prototypes
+from pymeta.ops.relation_pairs import relation_pairs
 
-__all__ = ["backends", "force_backend", "inner_sgd", "memory_access", "proto_logits", "prototypes"]
+__all__ = [
+    "backends", "force_backend", "inner_sgd", "max_pool2d", "memory_access", "proto_logits", "prototypes",
+    "relation_pairs", "reset_usage", "usage",
+]

@@ -1,15 +1,21 @@
-"""vmap rule shared by pymeta's task-batched custom ops.
+"""``torch.vmap`` rules of pymeta's custom ops (registered by :class:`pymeta.ops._factory.FusedOp`).
 
-Every op here takes tensors with a leading task dim T and treats tasks independently, so
-a ``torch.vmap`` over such an op needs no per-sample loop: fold the vmapped dim into T,
-run the op once on ``[B * T, ...]`` and unfold the results to ``[B, T, ...]``.
+* :func:`fold_tasks_rule`: for ops that take tensors with a leading task dim T and treat
+  tasks independently, a ``torch.vmap`` needs no per-sample work: fold the vmapped dim
+  into T, run the op once on ``[B * T, ...]`` and unfold the results to ``[B, T, ...]``.
+* :func:`loop_rule`: any other op without a rule of its own runs once per vmapped index
+  (correct for every op, one call per index).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
+
+Rule = Callable[..., tuple[Any, Any]]
 
 
 def _fold(arg: Any, bdim: int | None, batch: int) -> Any:
@@ -24,8 +30,8 @@ def _unfold(out: Tensor, batch: int) -> Tensor:
     return out.reshape(batch, out.shape[0] // batch, *out.shape[1:])
 
 
-def register_task_fold(op: Any) -> None:
-    """Register on custom op ``op`` the vmap rule that folds the vmapped dim into dim 0."""
+def fold_tasks_rule(op: Any) -> Rule:
+    """The rule that folds the vmapped dim into dim 0 of every tensor of ``op``."""
 
     def rule(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Any, Any]:
         batch = info.batch_size
@@ -34,5 +40,34 @@ def register_task_fold(op: Any) -> None:
             return tuple(_unfold(o, batch) for o in out), (0,) * len(out)
         return _unfold(out, batch), 0
 
-    op.register_vmap(rule)
+    return rule
 
+
+def _select(arg: Any, bdim: Any, index: int) -> Any:
+    if isinstance(arg, list):
+        return [_select(a, d, index) for a, d in zip(arg, bdim, strict=True)]
+    return arg if bdim is None else arg.select(bdim, index)
+
+
+def _stack(outs: list[Any]) -> Any:
+    if isinstance(outs[0], (list, tuple)):
+        return type(outs[0])(_stack(list(parts)) for parts in zip(*outs, strict=True))
+    return torch.stack(outs)
+
+
+def _zeros_like(out: Any) -> Any:
+    """``out_dims`` of 0 for every tensor of ``out`` (a tensor, or tuples / lists of them)."""
+    if isinstance(out, (list, tuple)):
+        return type(out)(_zeros_like(o) for o in out)
+    return 0
+
+
+def loop_rule(op: Any) -> Rule:
+    """The rule that calls ``op`` once per vmapped index and stacks the results."""
+
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        out = _stack([op(*(_select(a, d, i) for a, d in zip(args, in_dims, strict=True)))
+                      for i in range(info.batch_size)])
+        return out, _zeros_like(out)
+
+    return rule

@@ -5,8 +5,7 @@ with fast weights shaped ``[T, *param.shape]`` that is one small elementwise op 
 tensor (two, with the ``lr * g`` temporary). :func:`inner_sgd` does the whole list in one
 pass: one kernel launch per dtype on GPU (Triton or CUDA), one parallel region on CPU (C++).
 
-Custom ops (default implementation: the pure-PyTorch reference; CPU and CUDA kernels
-pick a backend per call with :func:`pymeta.ops._backends.select`):
+Custom ops, made by :class:`pymeta.ops._factory.FusedOp` from the references below:
 
 * ``pymeta::inner_sgd(Tensor[] params, Tensor[] grads, Tensor[] lr, float scale) -> Tensor[]``
   computes ``out[k] = params[k] - scale * lr[k] * grads[k]``; an empty ``lr`` means the
@@ -25,11 +24,6 @@ Small CPU calls (at most :data:`COMPOSITE_MAX_NUMEL` elements in all, no backend
 skip the op and run :func:`reference_forward` as plain differentiable torch ops: for
 them the op's fixed per-call cost exceeds the work of the fused kernel.
 
-Autograd is a ``torch.autograd.Function`` around the forward op (``setup_context`` style,
-``generate_vmap_rule=True``, so ``torch.func.grad`` and ``vmap`` work); its backward uses
-the fused backward op unless a graph is being built (second-order MAML), where it composes
-differentiable torch ops instead.
-
 While a CUDA graph is captured the GPU kernels step aside for the reference: their
 launchers upload a table of tensor addresses from host memory per call, which a graph
 cannot replay (a graph also removes the launch cost the table exists to save).
@@ -37,7 +31,6 @@ cannot replay (a graph also removes the launch cost the table exists to save).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,15 +39,17 @@ from torch import Tensor
 
 from pymeta import _validate
 from pymeta.ops import _backends
+from pymeta.ops._factory import FusedOp
 
-_UNCAPTURABLE = "the inner_sgd GPU kernels upload a host-memory address table per call"
+# A table rather than functools.cache (which torch.compile warns about tracing through):
+# this runs per tensor per call, and promote_types is a dispatched op.
+_ACC = {dtype: torch.promote_types(dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                                        torch.float64)}
 
 
-@functools.cache
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Compute (and lr) dtype for params of ``dtype``: float32 at least, float64 kept."""
-    # Cached: this runs per tensor per call, and promote_types is a dispatched op.
-    return torch.promote_types(dtype, torch.float32)
+    return _ACC.get(dtype) or torch.promote_types(dtype, torch.float32)
 
 
 def _lr_shape_ok(rate: Tensor, param: Tensor) -> bool:
@@ -150,132 +145,61 @@ def reference_backward(
     return grad_grads, grad_lr
 
 
-@torch.library.custom_op("pymeta::inner_sgd", mutates_args=())
-def _forward_op(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
-    _check(params, grads, lr)
-    return reference_forward(params, grads, lr, scale)
-
-
-@_forward_op.register_fake
-def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
-    _check(params, grads, lr)
-    return [p.new_empty(p.shape) for p in params]
-
-
-@_forward_op.register_kernel(("cpu", "cuda"))
-def _(params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float) -> list[Tensor]:
-    _check(params, grads, lr)
-    args = (params, grads, lr, scale)
-    backend = _backends.select(params[0].device, _UNCAPTURABLE)
-    return _backends.run(backend, "inner_sgd", args, lambda: reference_forward(*args))
-
-
-def _batch_first(x: Tensor, bdim: int | None, ndim: int) -> Tensor:
-    """Physical ``x`` with its vmapped dim first (size 1 if unbatched), right-aligned to ``ndim`` logical dims."""
-    x = x.unsqueeze(0) if bdim is None else x.movedim(bdim, 0)
-    return x.reshape(x.shape[0], *(1,) * (ndim + 1 - x.dim()), *x.shape[1:])
-
-
-def _logical(x: Tensor, bdim: int | None) -> Tensor:
-    return x if bdim is None else x.select(bdim, 0)
-
-
-@_forward_op.register_vmap
-def _(
-    info: Any, in_dims: tuple[Any, ...], params: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float
-) -> tuple[list[Tensor], list[int | None]]:
-    # vmap over a list of task-batched tensors (rare: the fast path batches tasks itself):
-    # broadcast the vmapped dim through the reference, which is correct for every lr form.
-    p_dims, g_dims, lr_dims = in_dims[:3]
-    _check(
-        [_logical(p, d) for p, d in zip(params, p_dims, strict=True)],
-        [_logical(g, d) for g, d in zip(grads, g_dims, strict=True)],
-        [_logical(r, d) for r, d in zip(lr, lr_dims, strict=True)],
-    )
-    outs, out_dims = [], []
-    for k, (p, g) in enumerate(zip(params, grads, strict=True)):
-        operands = [(p, p_dims[k]), (g, g_dims[k]), *([(lr[k], lr_dims[k])] if lr else [])]
-        ndim = p.dim() - (p_dims[k] is not None)
-        bp, bg, *br = (_batch_first(x, d, ndim) for x, d in operands)
-        out = reference_forward([bp], [bg], br, scale)[0]
-        unbatched = all(d is None for _, d in operands)
-        outs.append(out[0] if unbatched else out)
-        out_dims.append(None if unbatched else 0)
-    return outs, out_dims
-
-
-@torch.library.custom_op("pymeta::inner_sgd_backward", mutates_args=())
-def _backward_op(
+def _check_backward(
     grad_outs: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float, need_grads: bool, need_lr: bool
-) -> tuple[list[Tensor], list[Tensor]]:
-    return reference_backward(grad_outs, grads, lr, scale, need_grads, need_lr)
+) -> None:
+    # Without lr gradients the grads are never read, and the caller need not keep them.
+    _check(grad_outs, grads if need_lr else grad_outs, lr, names=("grad_outs", "grads"))
 
 
-@_backward_op.register_fake
-def _(
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    _, grads, lr, ctx.scale = inputs
+    needs = ctx.needs_input_grad
+    ctx.need_grads, ctx.need_lr = any(needs[1]), any(needs[2])
+    # grads only matter for the lr gradient; lr for the grads' gradient (and lr's shapes).
+    ctx.n = len(grads)
+    ctx.save_for_backward(*(grads if ctx.need_lr else ()), *lr)
+    # Unused outputs get None instead of a zero tensor, and cost nothing in backward.
+    ctx.set_materialize_grads(False)
+
+
+def _vjp(ctx: Any, grad_outs: list[Tensor | None]) -> tuple[Any, ...]:
+    n, saved = ctx.n, ctx.saved_tensors
+    grads, lr = (saved[:n], saved[n:]) if ctx.need_lr else ((), saved)
+    grad_grads: list[Tensor | None] = [None] * n
+    grad_lr: list[Tensor | None] = [None] * len(lr)
+    live = [k for k, go in enumerate(grad_outs) if go is not None]
+    if live and (ctx.need_grads or ctx.need_lr):
+        gg, glr = _OP.backward(
+            [grad_outs[k] for k in live],
+            [grads[k] for k in live] if ctx.need_lr else [],
+            [lr[k] for k in live] if lr else [],
+            ctx.scale, ctx.need_grads, ctx.need_lr,
+        )
+        for i, k in enumerate(live):
+            if ctx.need_grads:
+                grad_grads[k] = gg[i]
+            if ctx.need_lr:
+                grad_lr[k] = glr[i]
+    # d out / d params is the identity: the params' gradient is grad_out itself.
+    return grad_outs, grad_grads, grad_lr, None
+
+
+def _fake_backward(
     grad_outs: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float, need_grads: bool, need_lr: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
     grad_grads = [go.new_empty(go.shape) for go in grad_outs] if need_grads else []
     return grad_grads, [r.new_empty(r.shape) for r in lr] if need_lr else []
 
 
-@_backward_op.register_kernel(("cpu", "cuda"))
-def _(
-    grad_outs: list[Tensor], grads: list[Tensor], lr: list[Tensor], scale: float, need_grads: bool, need_lr: bool
-) -> tuple[list[Tensor], list[Tensor]]:
-    # Without lr gradients the grads are never read, and the caller need not keep them.
-    _check(grad_outs, grads if need_lr else grad_outs, lr, names=("grad_outs", "grads"))
-    args = (grad_outs, grads, lr, scale, need_grads, need_lr)
-    backend = _backends.select(grad_outs[0].device, _UNCAPTURABLE)
-    return _backends.run(backend, "inner_sgd_backward", args, lambda: reference_backward(*args))
-
-
-class _InnerSGD(torch.autograd.Function):
-    """Autograd of ``pymeta::inner_sgd``; inputs ``(n, scale, *params, *grads, *lr)``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(n: int, scale: float, *tensors: Tensor) -> tuple[Tensor, ...]:
-        params, grads, lr = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        return tuple(_forward_op(list(params), list(grads), list(lr), scale))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        n, scale, *tensors = inputs
-        needs = ctx.needs_input_grad[2:]
-        ctx.n, ctx.scale = n, scale
-        ctx.need_grads, ctx.need_lr = any(needs[n : 2 * n]), any(needs[2 * n :])
-        # grads only matter for the lr gradient; lr for the grads' gradient (and lr's shapes).
-        ctx.save_for_backward(*(tensors[n : 2 * n] if ctx.need_lr else ()), *tensors[2 * n :])
-        # Unused outputs get None instead of a zero tensor, and cost nothing in backward.
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
-        n, saved = ctx.n, ctx.saved_tensors
-        grads, lr = (saved[:n], saved[n:]) if ctx.need_lr else ((), saved)
-        grad_grads: list[Tensor | None] = [None] * n
-        grad_lr: list[Tensor | None] = [None] * len(lr)
-        live = [k for k, go in enumerate(grad_outs) if go is not None]
-        if live and (ctx.need_grads or ctx.need_lr):
-            args = (
-                [grad_outs[k] for k in live],
-                [grads[k] for k in live] if ctx.need_lr else [],
-                [lr[k] for k in live] if lr else [],
-                ctx.scale,
-                ctx.need_grads,
-                ctx.need_lr,
-            )
-            # create_graph (second-order MAML differentiates this backward): differentiable ops.
-            gg, glr = reference_backward(*args) if torch.is_grad_enabled() else _backward_op(*args)
-            for i, k in enumerate(live):
-                if ctx.need_grads:
-                    grad_grads[k] = gg[i]
-                if ctx.need_lr:
-                    grad_lr[k] = glr[i]
-        # d out / d params is the identity: the params' gradient is grad_out itself.
-        return (None, None, *grad_outs, *grad_grads, *grad_lr)
+_OP = FusedOp(
+    "inner_sgd", reference_forward,
+    fake=lambda params, grads, lr, scale: [p.new_empty(p.shape) for p in params],
+    backward=reference_backward, backward_fake=_fake_backward,
+    setup_context=_setup_context, vjp=_vjp,
+    check=lambda params, grads, lr, scale: _check(params, grads, lr), backward_check=_check_backward,
+    uncapturable="the inner_sgd GPU kernels upload a host-memory address table per call",
+)
 
 
 def _lr_list(lr: float | Tensor | Sequence[Tensor], params: list[Tensor]) -> tuple[list[Tensor], float]:
@@ -346,8 +270,10 @@ def inner_sgd(
     rates, scale = _lr_list(lr, params)
     if _composite_is_faster(params):
         _check(params, grads, rates)
+        if not torch.compiler.is_compiling():  # traced, a count would be a guard: a recompile per call
+            _backends.record("inner_sgd", "reference", _COMPOSITE)
         return reference_forward(params, grads, rates, scale)
-    return list(_InnerSGD.apply(len(params), scale, *params, *grads, *rates))
+    return _OP(params, grads, rates, scale)
 
 
 # Below this many elements in total (all tensors of one call), on CPU with no backend
@@ -356,6 +282,7 @@ def inner_sgd(
 # exceeds the whole fused kernel's work. Sinusoid MLP (25 tasks x 1.7k weights): ~10%
 # of a meta-step. benchmarks/bench_inner_sgd.py measures both sides.
 COMPOSITE_MAX_NUMEL = 1 << 16
+_COMPOSITE = f"at most {COMPOSITE_MAX_NUMEL} elements on CPU: plain torch ops, cheaper than the op call"
 
 
 def _composite_is_faster(params: list[Tensor]) -> bool:

@@ -4,11 +4,12 @@ PyTorch's CPU ``max_pool2d`` (with indices, as autograd needs) is slow for NCHW 
 and fast for channels-last ones, and its backward is the other way round (measured
 on conv4 activations ``[75, 64, 28, 28]``, 1 thread: NCHW forward ~4x slower than
 channels-last; channels-last backward ~5x slower than NCHW). In a conv4 MAML step the
-NCHW forward alone was a quarter of the time. :func:`max_pool2d`'s forward runs the C++
-kernel ``pymeta_cpu::max_pool2d_with_indices`` (``csrc/max_pool2d.cpp``) on the NCHW
-planes in place when they are at least :data:`CPP_MIN_WIDTH` wide, else (and without
-the C++ extension) ATen's channels-last kernel with a layout round trip; the backward
-is ATen's NCHW one. All share the indices, so values, gradients and double gradients
+NCHW forward alone was a quarter of the time. :func:`max_pool2d`'s forward, the custom
+op ``pymeta::max_pool2d`` (made by :class:`pymeta.ops._factory.FusedOp`), runs the C++
+kernel ``pymeta_cpu::max_pool2d`` (``csrc/max_pool2d.cpp``) on the NCHW planes in
+place when they are at least :data:`CPP_MIN_WIDTH` wide, else (and without the C++
+extension) its reference, ATen's channels-last kernel with a layout round trip; the
+backward is ATen's NCHW one. All share the indices, so values, gradients and double gradients
 are exactly ``F.max_pool2d``'s (same window scan order, same first-maximum rule for
 ties, NaN propagated the same way).
 
@@ -16,6 +17,14 @@ Forward of ``[75, 64, 28, 28]``, 1 thread (``benchmarks/bench_max_pool2d.py``): 
 2.3 ms, channels-last round trip 6.1 ms, ATen NCHW 18 ms. At 14x14 planes the round
 trip is already slightly faster (1.27 vs 1.37 ms) and at 7x7 clearly (0.17 vs 0.53 ms:
 a short plane is too short a loop), hence :data:`CPP_MIN_WIDTH`.
+
+As a custom op (for ``torch.compile``'s fake tensors, a vmap rule, ``opcheck`` and the
+backend record of :func:`pymeta.ops.usage`) it costs a fixed ~40 us more per forward call
+and ~100 us more per forward + backward than the plain ``autograd.Function`` it replaced
+(the dispatcher and two Python kernels; 1 thread, tiny planes, thread CPU time). On conv4
+activations that is noise: ``[75, 64, 28, 28]`` forward + backward 0.97x the old time, a
+conv4 second-order MAML meta-step (8 tasks, ``lowered``) 1.03x with a +-7% spread between
+runs (old and new trees alternated, 4 runs each).
 
 Used by the ``"loop"`` and ``"lowered"`` strategies for CPU tensors (see
 :mod:`pymeta.core.norms`, :mod:`pymeta.core.lowered`); any case outside the fast path
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from pymeta.ops import _backends
+from pymeta.ops._factory import FusedOp
 
 # Narrower planes pool faster through ATen's channels-last kernel (see above).
 CPP_MIN_WIDTH = 16
@@ -56,16 +65,11 @@ def max_pool2d(
     )  # fmt: skip
     if not fast:
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    return _MaxPool2d.apply(input, list(_pair(kernel_size)), list(_pair(stride)))
+    return _OP(input, list(_pair(kernel_size)), list(_pair(stride)))[0]
 
 
-def _forward(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
-    """``(out, indices)``, both NCHW, of a contiguous ``input: [N, C, H, W]``."""
-    if (
-        input.shape[-1] >= CPP_MIN_WIDTH and input.dtype in (torch.float32, torch.float64)
-        and _backends.select(input.device) == "cpp"
-    ):  # fmt: skip
-        return torch.ops.pymeta_cpu.max_pool2d_with_indices(input, kernel, stride)
+def reference_forward(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
+    """``(out, indices)``, both NCHW, of ``input: [N, C, H, W]``: ATen's channels-last kernel."""
     # Indices are positions in each [H, W] plane, independent of the memory layout.
     out, indices = torch.ops.aten.max_pool2d_with_indices(
         input.contiguous(memory_format=torch.channels_last), kernel, stride, [0, 0], [1, 1], False
@@ -73,21 +77,47 @@ def _forward(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tenso
     return out.contiguous(), indices.contiguous()
 
 
-class _MaxPool2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, kernel: list[int], stride: list[int]) -> Tensor:
-        out, indices = _forward(input, kernel, stride)
-        ctx.save_for_backward(input, indices)
-        ctx.kernel, ctx.stride = kernel, stride
-        ctx.mark_non_differentiable(indices)
-        return out
+def _fake(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
+    shape = [*input.shape[:2], *((n - k) // s + 1 for n, k, s in zip(input.shape[2:], kernel, stride, strict=True))]
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
-        input, indices = ctx.saved_tensors
-        # NCHW backward (fast); differentiable in grad_out when a graph is being built,
-        # so second-order meta-gradients flow through it (ATen's gather by indices).
-        grad = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_out.contiguous(), input, ctx.kernel, ctx.stride, [0, 0], [1, 1], False, indices
-        )
-        return grad, None, None
+
+def _not_supported(backend: str, input: Tensor, kernel: list[int], stride: list[int]) -> str | None:
+    if input.dtype not in (torch.float32, torch.float64):
+        return f"the C++ kernel takes float32 and float64, got {input.dtype}"
+    return None
+
+
+def _slower(backend: str, input: Tensor, kernel: list[int], stride: list[int]) -> str | None:
+    if input.shape[-1] < CPP_MIN_WIDTH:
+        return f"planes narrower than {CPP_MIN_WIDTH} pool faster through ATen's channels-last kernel"
+    return None
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int], list[int]], output: tuple[Tensor, Tensor]) -> None:
+    input, ctx.kernel, ctx.stride = inputs
+    ctx.save_for_backward(input, output[1])
+    ctx.mark_non_differentiable(output[1])
+    # No zero-filled "gradient" of the indices output (an int64 tensor of the output's size).
+    ctx.set_materialize_grads(False)
+
+
+def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, None, None]:
+    if grad_out is None:
+        return None, None, None
+    input, indices = ctx.saved_tensors
+    # NCHW backward (fast); differentiable in grad_out when a graph is being built,
+    # so second-order meta-gradients flow through it (ATen's gather by indices).
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_out.contiguous(), input, ctx.kernel, ctx.stride, [0, 0], [1, 1], False, indices
+    )
+    return grad, None, None
+
+
+_OP = FusedOp(
+    "max_pool2d", reference_forward, fake=_fake,
+    setup_context=_setup_context, vjp=_vjp,
+    not_supported=_not_supported, slower=_slower,
+    kernels=("cpp",),
+    fold_tasks=True,  # images are independent: a vmapped dim folds into N
+)

@@ -24,9 +24,9 @@ every backend, so all backends choose the same rows; fresh memories have many ex
 ties (every untouched row has the same usage). Usages that differ only by rounding can
 still be ordered differently by backends that round differently, as with any argmin.
 
-The op is the custom op ``pymeta::memory_access`` (default implementation: the pure
-PyTorch reference) with the fused backward op ``pymeta::memory_access_backward``; both
-dispatch per call through :func:`pymeta.ops._backends.select`. Kernels:
+The op is the custom op ``pymeta::memory_access`` with the fused backward op
+``pymeta::memory_access_backward``, both made by :class:`pymeta.ops._factory.FusedOp`
+from the references below. Kernels:
 ``csrc/memory_access.cpp`` (CPU), ``csrc/memory_access.cu`` (CUDA) and
 ``kernels/memory_access.py`` (Triton); all take the op's own arguments.
 """
@@ -39,8 +39,7 @@ import torch
 from torch import Tensor
 
 from pymeta import _validate
-from pymeta.ops import _backends
-from pymeta.ops._vmap import register_task_fold
+from pymeta.ops._factory import FusedOp
 
 EPS = 1e-6  # inside the cosine's square root, as ntm-one-shot's cosine_similarity
 # The Triton kernel keeps a task's memory tile and the [R, R] comparison that ranks its rows
@@ -155,85 +154,38 @@ def not_supported(backend: str, memory: Tensor) -> str | None:
     return None
 
 
-def _backend(memory: Tensor) -> str:
-    """The backend for this memory: a forced one must support it, an automatic one is skipped."""
-    backend = _backends.select(memory.device)
-    reason = not_supported(backend, memory)
-    if reason is None:
-        return backend
-    if _backends.forced_backend() is not None:
-        raise RuntimeError(f"pymeta backend {backend!r} was forced but cannot run memory_access here: {reason}")
-    fallback = "cuda" if memory.device.type == "cuda" else "cpp"
-    return fallback if _backends.unavailable_reason(fallback, memory.device) is None else "reference"
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    _, _, read_weights, keys, adds, gates, ctx.gamma, ctx.eps = inputs
+    _, new_read_weights, new_memory, _, lu = output
+    ctx.mark_non_differentiable(lu)
+    ctx.save_for_backward(read_weights, keys, adds, gates, new_read_weights, new_memory, lu)
 
 
-@torch.library.custom_op("pymeta::memory_access", mutates_args=())
-def _forward_op(
-    memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor, adds: Tensor, gates: Tensor,
-    gamma: float, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return reference_forward(memory, usage, read_weights, keys, adds, gates, gamma, eps)
+def _vjp(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    return (*_OP.backward(*grads[:4], *ctx.saved_tensors, ctx.gamma, ctx.eps), None, None)
 
 
-@_forward_op.register_fake
-def _(memory, usage, read_weights, keys, adds, gates, gamma, eps):
+def _fake(memory: Tensor, usage: Tensor, read_weights: Tensor, keys: Tensor, *_: Any) -> tuple[Tensor, ...]:
     T, H = keys.shape[:2]
     return (keys.new_empty(keys.shape), read_weights.new_empty(read_weights.shape), memory.new_empty(memory.shape),
             usage.new_empty(usage.shape), keys.new_empty(T, H, dtype=torch.int64))
 
 
-@_forward_op.register_kernel(("cpu", "cuda"))
-def _(memory, usage, read_weights, keys, adds, gates, gamma, eps):
-    args = (memory, usage, read_weights, keys, adds, gates, gamma, eps)
-    return _backends.run(_backend(memory), "memory_access", args, lambda: reference_forward(*args))
-
-
-@torch.library.custom_op("pymeta::memory_access_backward", mutates_args=())
-def _backward_op(
-    grad_reads: Tensor, grad_read_weights: Tensor, grad_memory: Tensor, grad_usage: Tensor,
-    read_weights: Tensor, keys: Tensor, adds: Tensor, gates: Tensor,
-    new_read_weights: Tensor, new_memory: Tensor, least_used: Tensor, gamma: float, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return reference_backward(grad_reads, grad_read_weights, grad_memory, grad_usage, read_weights, keys, adds,
-                              gates, new_read_weights, new_memory, least_used, gamma, eps)
-
-
-@_backward_op.register_fake
-def _(grad_reads, grad_read_weights, grad_memory, grad_usage, read_weights, keys, adds, gates,
-      new_read_weights, new_memory, least_used, gamma, eps):
+def _backward_fake(grad_reads: Tensor, grad_read_weights: Tensor, grad_memory: Tensor, grad_usage: Tensor,
+                   read_weights: Tensor, keys: Tensor, adds: Tensor, gates: Tensor, new_read_weights: Tensor,
+                   new_memory: Tensor, *_: Any) -> tuple[Tensor, ...]:
     return tuple(t.new_empty(t.shape) for t in (new_memory, grad_usage, read_weights, keys, adds, gates))
 
 
-@_backward_op.register_kernel(("cpu", "cuda"))
-def _(*args):
-    return _backends.run(_backend(args[9]), "memory_access_backward", args,
-                         lambda: reference_backward(*args))
-
-
-register_task_fold(_forward_op)
-register_task_fold(_backward_op)
-
-
-class _MemoryAccess(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(memory, usage, read_weights, keys, adds, gates, gamma, eps):
-        return _forward_op(memory, usage, read_weights, keys, adds, gates, gamma, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        _, _, read_weights, keys, adds, gates, ctx.gamma, ctx.eps = inputs
-        _, new_read_weights, new_memory, _, lu = output
-        ctx.mark_non_differentiable(lu)
-        ctx.save_for_backward(read_weights, keys, adds, gates, new_read_weights, new_memory, lu)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        args = (*grads[:4], *ctx.saved_tensors, ctx.gamma, ctx.eps)
-        # create_graph: the backward itself must be differentiable.
-        backward = reference_backward if torch.is_grad_enabled() else _backward_op
-        return (*backward(*args), None, None)
+_OP = FusedOp(
+    "memory_access", reference_forward, fake=_fake,
+    backward=reference_backward, backward_fake=_backward_fake,
+    setup_context=_setup_context, vjp=_vjp,
+    not_supported=lambda backend, memory, *_: not_supported(backend, memory),
+    # The backward kernels hold the same tiles; the new memory is its argument 9.
+    backward_not_supported=lambda backend, *args: not_supported(backend, args[9]),
+    fold_tasks=True,
+)
 
 
 def composite(
@@ -284,4 +236,4 @@ def memory_access(
         raise ValueError(f"memory_access needs 1 <= H <= R and W >= 1 (each head writes to its own least-used row), "
                          f"got H={H} heads, R={R} rows, W={W}")
     gamma = _validate.positive_float("gamma", gamma, allow_zero=True)
-    return MemoryState(*_MemoryAccess.apply(memory, usage, read_weights, keys, adds, gates, gamma, EPS)[:4])
+    return MemoryState(*_OP(memory, usage, read_weights, keys, adds, gates, gamma, EPS)[:4])

@@ -16,9 +16,9 @@ kernels sum the differences directly, which is exact to rounding and as fast on 
 Squared distances are clamped at 0, the Euclidean gradient at distance 0 is 0 (not
 NaN), and cosine clamps the norms at ``EPS``.
 
-The op is the custom op ``pymeta::proto_logits`` (default implementation: the pure
-PyTorch reference) with a fused backward op ``pymeta::proto_logits_backward``; both
-dispatch per call through :func:`pymeta.ops._backends.select`.
+The op is the custom op ``pymeta::proto_logits(query, protos, metric, eps)`` (the metric
+as its index in :data:`METRICS`) with a fused backward op ``pymeta::proto_logits_backward``,
+both made by :class:`pymeta.ops._factory.FusedOp` from the references below.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from pymeta import _validate
-from pymeta.ops import _backends
-from pymeta.ops._vmap import register_task_fold
+from pymeta.ops._factory import FusedOp
 
 METRICS = ("sqeuclidean", "euclidean", "cosine")
-# The C++/CUDA/Triton kernels take the metric as its index in METRICS.
+# The op (and so every backend) takes the metric as its index in METRICS.
+SQEUCLIDEAN, EUCLIDEAN, COSINE = range(len(METRICS))
 EPS = 1e-8  # cosine: norms below EPS are clamped so a zero vector has similarity 0, not NaN
 
 
@@ -41,23 +41,26 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def reference_forward(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-    """Pure PyTorch ``[T, Q, N]`` logits of ``query: [T, Q, D]`` against ``protos: [T, N, D]``."""
+def reference_forward(query: Tensor, protos: Tensor, metric: int, eps: float) -> Tensor:
+    """Pure PyTorch ``[T, Q, N]`` logits of ``query: [T, Q, D]`` against ``protos: [T, N, D]``.
+
+    ``metric``: index in :data:`METRICS`; ``eps``: the cosine norm clamp (:data:`EPS`).
+    """
     acc = _acc(query.dtype)
     q, p = query.to(acc), protos.to(acc)
-    if metric == "cosine":
-        q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(EPS)
-        p = p / torch.linalg.vector_norm(p, dim=-1, keepdim=True).clamp_min(EPS)
+    if metric == COSINE:
+        q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(eps)
+        p = p / torch.linalg.vector_norm(p, dim=-1, keepdim=True).clamp_min(eps)
         return torch.bmm(q, p.mT).to(query.dtype)
     centre = p.mean(dim=1, keepdim=True)
     q, p = q - centre, p - centre
     norms = (q * q).sum(-1, keepdim=True) + (p * p).sum(-1).unsqueeze(1)
     sq = torch.baddbmm(norms, q, p.mT, alpha=-2).clamp_min_(0)
-    return (sq.neg_() if metric == "sqeuclidean" else sq.sqrt_().neg_()).to(query.dtype)
+    return (sq.neg_() if metric == SQEUCLIDEAN else sq.sqrt_().neg_()).to(query.dtype)
 
 
 def reference_backward(
-    grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str
+    grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: int, eps: float
 ) -> tuple[Tensor, Tensor]:
     """Gradients ``([T, Q, D], [T, N, D])`` of the logits w.r.t. ``query`` and ``protos``.
 
@@ -67,20 +70,20 @@ def reference_backward(
     """
     acc = _acc(query.dtype)
     g, q, p, o = grad.to(acc), query.to(acc), protos.to(acc), logits.to(acc)
-    if metric == "cosine":
+    if metric == COSINE:
         # d/dq [q.p rq rp] = rq rp p - out kq q, with rq = 1 / max(|q|, eps) and
         # kq = rq^2 where the norm is not clamped (the clamp's derivative is 0 there).
         nq = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
         np_ = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
-        rq, rp = 1 / nq.clamp_min(EPS), 1 / np_.clamp_min(EPS)
-        kq = torch.where(nq > EPS, rq * rq, 0)
-        kp = torch.where(np_ > EPS, rp * rp, 0)
+        rq, rp = 1 / nq.clamp_min(eps), 1 / np_.clamp_min(eps)
+        kq = torch.where(nq > eps, rq * rq, 0)
+        kp = torch.where(np_ > eps, rp * rp, 0)
         go = g * o
         gq = rq * torch.bmm(g * rp.mT, p) - go.sum(-1, keepdim=True) * kq * q
         gp = rp * torch.bmm((g * rq).mT, q) - go.sum(1).unsqueeze(-1) * kp * p
         return gq.to(query.dtype), gp.to(protos.dtype)
     # grad_q = sum_n a (q - p_n) and grad_p_n = -sum_q a (q - p_n), with a = g d(out)/d(q).
-    if metric == "sqeuclidean":
+    if metric == SQEUCLIDEAN:
         a = -2 * g
     else:
         # out = -|q - p|: a = g / out where out < 0 and 0 at distance 0. The denominator is
@@ -96,70 +99,25 @@ def reference_backward(
     return gq.to(query.dtype), gp.to(protos.dtype)
 
 
-@torch.library.custom_op("pymeta::proto_logits", mutates_args=())
-def _forward_op(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-    return reference_forward(query, protos, metric)
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, int, float], output: Tensor) -> None:
+    query, protos, ctx.metric, ctx.eps = inputs
+    ctx.save_for_backward(query, protos, output)
 
 
-@_forward_op.register_fake
-def _(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-    return query.new_empty(query.shape[0], query.shape[1], protos.shape[1])
+def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+    query, protos, logits = ctx.saved_tensors
+    return (*_OP.backward(grad, query, protos, logits, ctx.metric, ctx.eps), None, None)
 
 
-@_forward_op.register_kernel(("cpu", "cuda"))
-def _(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-    args = (query, protos, METRICS.index(metric), EPS)
-    return _backends.run(
-        _backends.select(query.device), "proto_logits", args, lambda: reference_forward(query, protos, metric)
-    )
-
-
-@torch.library.custom_op("pymeta::proto_logits_backward", mutates_args=())
-def _backward_op(
-    grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str
-) -> tuple[Tensor, Tensor]:
-    return reference_backward(grad, query, protos, logits, metric)
-
-
-@_backward_op.register_fake
-def _(grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    return query.new_empty(query.shape), protos.new_empty(protos.shape)
-
-
-@_backward_op.register_kernel(("cpu", "cuda"))
-def _(grad: Tensor, query: Tensor, protos: Tensor, logits: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    args = (grad, query, protos, logits, METRICS.index(metric), EPS)
-    return _backends.run(
-        _backends.select(query.device), "proto_logits_backward", args,
-        lambda: reference_backward(grad, query, protos, logits, metric),
-    )
-
-
-register_task_fold(_forward_op)
-register_task_fold(_backward_op)
-
-
-class _ProtoLogits(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(query: Tensor, protos: Tensor, metric: str) -> Tensor:
-        return _forward_op(query, protos, metric)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, str], output: Tensor) -> None:
-        query, protos, metric = inputs
-        ctx.save_for_backward(query, protos, output)
-        ctx.metric = metric
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        query, protos, logits = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the backward itself must be differentiable
-            gq, gp = reference_backward(grad, query, protos, logits, ctx.metric)
-        else:
-            gq, gp = _backward_op(grad, query, protos, logits, ctx.metric)
-        return gq, gp, None
+_OP = FusedOp(
+    "proto_logits", reference_forward,
+    fake=lambda query, protos, metric, eps: query.new_empty(query.shape[0], query.shape[1], protos.shape[1]),
+    backward=reference_backward,
+    backward_fake=lambda grad, query, protos, logits, metric, eps: (query.new_empty(query.shape),
+                                                                    protos.new_empty(protos.shape)),
+    setup_context=_setup_context, vjp=_vjp,
+    fold_tasks=True,
+)
 
 
 def proto_logits(query: Tensor, protos: Tensor, metric: str = "sqeuclidean") -> Tensor:
@@ -177,11 +135,8 @@ def proto_logits(query: Tensor, protos: Tensor, metric: str = "sqeuclidean") -> 
     """
     _validate.floating("query", query)
     _validate.floating("protos", protos)
-    _validate.ndim("query", query, 3, "[T, Q, D]")
-    _validate.ndim("protos", protos, 3, "[T, N, D]")
-    _validate.same_dim(("query", "protos"), query, protos, 0, "the number of tasks T")
-    _validate.same_dim(("query", "protos"), query, protos, 2, "the feature size D")
+    _validate.layouts({"query": (query, "[T, Q, D]"), "protos": (protos, "[T, N, D]")})
     _validate.same_device({"query": query, "protos": protos})
     _validate.choice("metric", metric, METRICS)
     dtype = torch.promote_types(query.dtype, protos.dtype)
-    return _ProtoLogits.apply(query.to(dtype), protos.to(dtype), metric)
+    return _OP(query.to(dtype), protos.to(dtype), METRICS.index(metric), EPS)

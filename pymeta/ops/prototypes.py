@@ -6,10 +6,10 @@
 example in every task; either violation raises a ``ValueError`` naming the task and
 class (a mean over no examples would be NaN).
 
-The op is the custom op ``pymeta::prototypes`` (default implementation: the pure
-PyTorch reference) with the fused backward op ``pymeta::prototypes_backward``
-(``grad_support[t, s] = grad[t, labels[t, s]] / count[t, labels[t, s]]``); both
-dispatch per call through :func:`pymeta.ops._backends.select`.
+The op is the custom op ``pymeta::prototypes`` with the fused backward op
+``pymeta::prototypes_backward`` (``grad_support[t, s] = grad[t, labels[t, s]] /
+count[t, labels[t, s]]``), both made by :class:`pymeta.ops._factory.FusedOp` from the
+references below.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from pymeta import _validate
-from pymeta.ops import _backends
-from pymeta.ops._vmap import register_task_fold
+from pymeta.ops._factory import FusedOp
 
 
 def _one_hot(labels: Tensor, n_way: int, dtype: torch.dtype) -> Tensor:
@@ -50,65 +49,34 @@ def reference_backward(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
     return torch.bmm(one_hot, per_class).to(grad.dtype)
 
 
-@torch.library.custom_op("pymeta::prototypes", mutates_args=())
-def _forward_op(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    return reference_forward(support, labels, n_way)
-
-
-@_forward_op.register_fake
-def _(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    return support.new_empty(support.shape[0], n_way, support.shape[2])
-
-
-@_forward_op.register_kernel(("cpu", "cuda"))
-def _(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    backend = _backends.select(support.device)
-    if backend in ("cuda", "triton"):  # the cpp kernel and the reference check the labels themselves
+def _check_label_values(backend: str, support: Tensor, labels: Tensor, n_way: int) -> None:
+    # The cpp kernel and the reference check label values themselves; the GPU kernels
+    # cannot raise a ValueError naming the task and class.
+    if backend != "cpp":
         _validate.class_counts(labels, n_way)
-    args = (support, labels, n_way)
-    return _backends.run(backend, "prototypes", args, lambda: reference_forward(*args))
 
 
-@torch.library.custom_op("pymeta::prototypes_backward", mutates_args=())
-def _backward_op(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    return reference_backward(grad, labels, n_way)
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
+    _, labels, n_way = inputs
+    ctx.save_for_backward(labels)
+    ctx.n_way = n_way
 
 
-@_backward_op.register_fake
-def _(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    return grad.new_empty(labels.shape[0], labels.shape[1], grad.shape[2])
+def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    (labels,) = ctx.saved_tensors
+    # The forward checked the labels; the GPU backward kernels still mask out-of-range ones.
+    return _OP.backward(grad, labels, ctx.n_way), None, None
 
 
-@_backward_op.register_kernel(("cpu", "cuda"))
-def _(grad: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    # The forward checked the labels; the GPU kernels still mask out-of-range ones.
-    args = (grad, labels, n_way)
-    return _backends.run(_backends.select(grad.device), "prototypes_backward", args, lambda: reference_backward(*args))
-
-
-register_task_fold(_forward_op)
-register_task_fold(_backward_op)
-
-
-class _Prototypes(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
-        return _forward_op(support, labels, n_way)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
-        _, labels, n_way = inputs
-        ctx.save_for_backward(labels)
-        ctx.n_way = n_way
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (labels,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the backward itself must be differentiable
-            return reference_backward(grad, labels, ctx.n_way), None, None
-        return _backward_op(grad, labels, ctx.n_way), None, None
+_OP = FusedOp(
+    "prototypes", reference_forward,
+    fake=lambda support, labels, n_way: support.new_empty(support.shape[0], n_way, support.shape[2]),
+    backward=reference_backward,
+    backward_fake=lambda grad, labels, n_way: grad.new_empty(labels.shape[0], labels.shape[1], grad.shape[2]),
+    setup_context=_setup_context, vjp=_vjp,
+    before_kernel=_check_label_values,
+    fold_tasks=True,
+)
 
 
 def prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
@@ -126,10 +94,7 @@ def prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """
     _validate.floating("support", support)
     _validate.integer("labels", labels)
-    _validate.ndim("support", support, 3, "[T, S, D]")
-    _validate.ndim("labels", labels, 2, "[T, S]")
-    _validate.same_dim(("support", "labels"), support, labels, 0, "the number of tasks T")
-    _validate.same_dim(("support", "labels"), support, labels, 1, "the number of support examples S")
+    _validate.layouts({"support": (support, "[T, S, D]"), "labels": (labels, "[T, S]")})
     _validate.same_device({"support": support, "labels": labels})
     _validate.positive_int("n_way", n_way)
-    return _Prototypes.apply(support, labels, n_way)
+    return _OP(support, labels, n_way)

@@ -96,7 +96,7 @@ def test_train_help_lists_the_choices_and_every_default(capsys):
     flat = " ".join(text.split())
     assert "--seed SEED seed of the model's initial weights and of the task streams" in flat
     assert "--device DEVICE torch device to train on: cpu, cuda or cuda:N" in flat
-    assert "(default per --data: sinusoid 10, glyphs 1, folder 1)" in flat  # --shots
+    assert "(default per --data: sinusoid 10, glyphs 1, folder 1; mann/lstm: glyphs 10, folder 10)" in flat  # --shots
 
 
 def test_default_out_is_not_overwritten_by_a_run_of_another_config(tmp_path, capsys):

@@ -25,6 +25,7 @@ from typing import NoReturn
 import torch
 
 from pymeta import __version__, _settings, checkpoint, distributed, training
+from pymeta.algorithms import LEARNERS
 from pymeta.core.batched import STRATEGIES
 
 
@@ -32,7 +33,7 @@ def _per_data(name: str) -> str:
     """Help text for a setting whose default depends on the data (and the algorithm)."""
     values = ", ".join(f"{kind} {d[name]}" for kind, d in training.DATA_DEFAULTS.items()
                        if not (name == "ways" and kind in _settings.REGRESSION_DATA))
-    for learner in dict.fromkeys(training.LEARNERS.values()):
+    for learner in dict.fromkeys(LEARNERS.values()):
         overrides = ", ".join(f"{kind} {d[name]}" for kind, d in learner.cli_defaults.items() if name in d)
         values += f"; {'/'.join(learner.cli_names)}: {overrides}" if overrides else ""
     return f"default per --data: {values}"
@@ -40,7 +41,7 @@ def _per_data(name: str) -> str:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = training.TrainConfig()
-    p.add_argument("--algo", default=defaults.algo, choices=sorted(training.LEARNERS),
+    p.add_argument("--algo", default=defaults.algo, choices=sorted(LEARNERS),
                    help="meta-learning algorithm (default: %(default)s)")
     p.add_argument("--data", default=defaults.data, metavar="{sinusoid,glyphs,folder:PATH}",
                    help="task family: sinusoid (regression, MAML paper), glyphs (offline Omniglot-like "

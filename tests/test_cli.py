@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pymeta import checkpoint, cli, training
+from pymeta.algorithms import LEARNERS
 
 
 def run(*argv: str) -> int:
@@ -88,7 +89,7 @@ def test_bad_options_are_one_line_errors_before_any_training(tmp_path, capsys, o
 def test_train_help_lists_the_choices_and_every_default(capsys):
     assert run("train", "--help") == 0
     text = capsys.readouterr().out
-    assert "{" + ",".join(sorted(training.LEARNERS)) + "}" in text and "relationnet" in text
+    assert "{" + ",".join(sorted(LEARNERS)) + "}" in text and "relationnet" in text
     assert "{sinusoid,glyphs,folder:PATH}" in text
     for action in cli.parser()._subparsers._group_actions[0].choices["train"]._actions:
         if action.dest != "help":
@@ -168,7 +169,7 @@ def test_report_line_states_the_batchnorm_policy_of_the_evaluation():
     assert "BatchNorm" not in training.report_line(config, spec, stats, None, mlp(1, (8,), 1))
 
 
-@pytest.mark.parametrize("algo", sorted(name for name, cls in training.LEARNERS.items()
+@pytest.mark.parametrize("algo", sorted(name for name, cls in LEARNERS.items()
                                         if "regression" not in cls.cli_tasks))
 def test_classifiers_on_regression_data_are_refused_before_any_training(tmp_path, capsys, algo):
     assert run("train", "--algo", algo, "--data", "sinusoid", "--out", str(tmp_path / "x.pt"), "--no-progress") == 2

@@ -328,10 +328,10 @@ def test_pymeta_train_mamlpp_resumes_exactly(tmp_path, monkeypatch):
             raise Interrupted
         return step(learner, batch, spec)
 
-    monkeypatch.setattr(training, "learner_step", crash_at_step_3)
+    monkeypatch.setattr(training.loop, "learner_step", crash_at_step_3)  # where train() looks it up
     with pytest.raises(Interrupted):
         training.train(glyphs_config(tmp_path, "part"), progress=False, log=lambda line: None)
-    monkeypatch.setattr(training, "learner_step", step)
+    monkeypatch.setattr(training.loop, "learner_step", step)
     resumed = training.train(glyphs_config(tmp_path, "part"), progress=False, log=lambda line: None,
                              resume=tmp_path / "part-last.pt")
     assert resumed.losses == full.losses[2:]

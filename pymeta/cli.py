@@ -39,6 +39,11 @@ def _per_data(name: str) -> str:
     return f"default per --data: {values}"
 
 
+def _algos(option: str, but: str = "") -> str:
+    """The ``--algo`` names that take the run ``option`` (other than ``but``), for its help text."""
+    return "/".join(name for name in training.algos_with(option) if name != but)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     defaults = training.TrainConfig()
     p.add_argument("--algo", default=defaults.algo, choices=sorted(LEARNERS),
@@ -61,14 +66,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=defaults.strategy, choices=list(STRATEGIES),
                    help="batched execution strategy: %(choices)s (default: %(default)s, measured on the first steps)")
     p.add_argument("--task-chunk", type=int, metavar="K",
-                   help="maml/fomaml/metasgd/anil/protonet: meta-gradient K tasks at a time, holding K tasks' "
-                        "graphs (default: all tasks at once)")
+                   help=f"{_algos('task_chunk')}: meta-gradient K tasks at a time, holding K tasks' graphs "
+                        "(default: all tasks at once)")
     p.add_argument("--checkpoint-steps", action="store_true",
-                   help="maml/fomaml/metasgd, second order: recompute inner steps in backward, memory for long "
-                        "loops (default: off)")
+                   help=f"{_algos('checkpoint_steps', but='fomaml')}, second order: recompute inner steps in "
+                        "backward, memory for long loops (default: off)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each meta-step as a CUDA graph on the first batch and replay it "
-                        "(maml/fomaml/metasgd/anil/protonet on --device cuda; inner NaN/inf checks off; default: off)")
+                        f"({_algos('cuda_graph')} on --device cuda; inner NaN/inf checks off; default: off)")
     p.add_argument("--compile", action="store_true",
                    help="run each training step under torch.compile (the first step compiles, ~10-60 s on a CPU; "
                         "default: off)")

@@ -100,6 +100,15 @@ def test_train_help_lists_the_choices_and_every_default(capsys):
     assert "(default per --data: sinusoid 10, glyphs 1, folder 1; mann/lstm: glyphs 10, folder 10)" in flat  # --shots
 
 
+def test_train_help_names_the_learners_that_take_each_option():
+    """The option lists come from the learners' ``cli_options``, not a hand-kept list."""
+    helps = {a.dest: a.help for a in cli.parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert all(name in helps["task_chunk"] for name in ("mamlpp", "matchingnet", "relationnet", "protonet", "anil"))
+    assert "mamlpp" in helps["checkpoint_steps"] and "fomaml" not in helps["checkpoint_steps"]  # first order
+    for option in ("task_chunk", "checkpoint_steps", "cuda_graph"):
+        assert "reptile" not in helps[option] and "lstm" not in helps[option], option
+
+
 def test_default_out_is_not_overwritten_by_a_run_of_another_config(tmp_path, capsys):
     out = str(tmp_path / "pymeta.pt")
     tiny = ["--iterations", "2", "--meta-batch", "2", "--val-episodes", "2", "--eval-episodes", "2", "--strategy", "vmap",

@@ -4,7 +4,7 @@
 // accumulator (inner loop over D is contiguous, `omp simd`), then a scale by 1 / count.
 // Backward: grad_support[t, s] = grad_protos[t, labels[t, s]] / count[t, labels[t, s]].
 // Labels are checked while counting (range, and no empty class) with the same messages as
-// pymeta._validate.class_counts, so every backend fails the same way.
+// pymeta._value_checks.class_counts, so every backend fails the same way.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

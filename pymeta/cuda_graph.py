@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _validate, _value_checks
 from pymeta.algorithms.base import Learner, episode_loss
 from pymeta.core.batched import strategy_pickers
 
@@ -144,7 +144,7 @@ class CUDAGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         # An explicit stream: torch.cuda.graph's default one lives on the first device used.
         capture_stream = torch.cuda.Stream(self.device)
-        with _validate.deferred_value_checks() as checks, torch.cuda.graph(self.graph, stream=capture_stream):
+        with _value_checks.deferred_value_checks() as checks, torch.cuda.graph(self.graph, stream=capture_stream):
             self._loss = self._step()
         self._checks = _checks_on_inputs(checks, self.static) if self.validate else []
         # The graph's own gradient tensors: replays write them whatever .grad holds then.
@@ -260,7 +260,7 @@ class _OptimizerSnapshot:
                                "load_state_dict), and the graph updates the old ones: build a new CUDAGraphStep")
 
 
-def _checks_on_inputs(checks: list[_validate.ValueCheck], inputs: Sequence[Tensor]) -> list[_validate.ValueCheck]:
+def _checks_on_inputs(checks: list[_value_checks.ValueCheck], inputs: Sequence[Tensor]) -> list[_value_checks.ValueCheck]:
     """``checks``, once each is known to read only views of ``inputs``.
 
     A check is rerun before each replay, after the new batch is copied in; a tensor the

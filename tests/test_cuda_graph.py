@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pymeta
-from pymeta import _validate, training
+from pymeta import _value_checks, training
 from pymeta.algorithms.base import episode_loss
 from pymeta.cuda_graph import _check_capturable, _checks_on_inputs, _OptimizerSnapshot
 
@@ -97,7 +97,7 @@ def test_meta_step_has_no_host_sync_with_deferred_checks(name: str) -> None:
     learner.double()
     with HostSyncs() as eager:
         _meta_step(learner, batch)
-    with _validate.deferred_value_checks() as checks, HostSyncs() as deferred:
+    with _value_checks.deferred_value_checks() as checks, HostSyncs() as deferred:
         _meta_step(learner, batch)
     print(f"{name}: eager host syncs {eager.ops}, deferred {deferred.ops}, {len(checks)} deferred checks")
     # Classification steps check labels (the detector must see it eagerly, or this test
@@ -120,7 +120,7 @@ def test_meta_step_has_no_host_sync_with_deferred_checks(name: str) -> None:
 def test_deferred_checks_catch_bad_labels_of_a_later_batch(name: str, where: tuple[int, int, int], message: str) -> None:
     learner, batch = _learners()[name]
     learner.double()
-    with _validate.deferred_value_checks() as checks:
+    with _value_checks.deferred_value_checks() as checks:
         _meta_step(learner, batch)
     for check in checks:  # the recorded batch is fine
         check.run()
@@ -134,7 +134,7 @@ def test_deferred_checks_catch_bad_labels_of_a_later_batch(name: str, where: tup
 def test_deferred_checks_catch_a_missing_class() -> None:
     learner, batch = _learners()["protonet"]
     learner.double()
-    with _validate.deferred_value_checks() as checks:
+    with _value_checks.deferred_value_checks() as checks:
         _meta_step(learner, batch)
     batch[1][2] = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])  # class 3 missing in task 2
     with pytest.raises(ValueError, match="class 3 has no example in task 2 of support_y"):
@@ -144,8 +144,8 @@ def test_deferred_checks_catch_a_missing_class() -> None:
 
 def test_a_check_on_a_computed_tensor_is_refused() -> None:
     sx, sy, qx, qy = classification_episode()
-    with _validate.deferred_value_checks() as checks:
-        _validate.class_counts(sy.clone(), 4)
+    with _value_checks.deferred_value_checks() as checks:
+        _value_checks.class_counts(sy.clone(), 4)
     with pytest.raises(RuntimeError, match=r"computed inside the step.*validate=False"):
         _checks_on_inputs(checks, (sx, sy, qx, qy))
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _validate, _value_checks
 from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
 from pymeta.algorithms.base import Learner
 from pymeta.core.batched import LossFn, TaskBatched
@@ -63,7 +63,7 @@ class MetricLearner(Learner):
         """``(N, class counts [T, N], support [T, S, ...], query [T, Q, ...])`` of a checked episode."""
         _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
         n_way = self.n_way or self._inferred_n_way(support_y)
-        counts = _validate.class_counts(support_y, n_way, "support_y")
+        counts = _value_checks.class_counts(support_y, n_way, "support_y")
         support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
         return n_way, counts, support, query
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _validate, _value_checks
 from pymeta.algorithms._embed import embed_episode, embedding_picker
 from pymeta.algorithms.base import Learner
 from pymeta.algorithms.maml import check_lr
@@ -166,7 +166,7 @@ class FineTune(Learner, cli=("finetune",)):
             ``[T, Q, n_way]`` logits of the fine-tuned classifiers.
         """
         num_tasks = _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
-        _validate.class_counts(support_y, self.n_way, "support_y")
+        _value_checks.class_counts(support_y, self.n_way, "support_y")
         if self.finetune_encoder:
             batched, x, qx = self._network, support_x, query_x
             # Every trainable encoder weight starts from the pre-trained one ("0." is the

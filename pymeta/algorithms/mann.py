@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _validate, _value_checks
 from pymeta.algorithms.base import Learner
 from pymeta.core.batched import LossFn
 from pymeta.data.sequences import Sequences, SequenceSampler, instance_index
@@ -196,7 +196,7 @@ class MANN(Learner, cli=("mann", "lstm")):
             raise ValueError(f"{y_name} must have the [T, S] = {tuple(x.shape[:2])} dims of {x_name}, "
                              f"got shape {tuple(y.shape)}")
         _validate.model_dtype(x_name, x, self)
-        _validate.labels_in_range(y_name, y, self.n_classes)
+        _value_checks.labels_in_range(y_name, y, self.n_classes)
         previous = F.one_hot(y[:, :-1].long(), self.n_classes).to(x.dtype)
         previous = F.pad(previous, (0, 0, 1, 0))  # no label before the first step
         return torch.cat([x.flatten(2), previous], -1)

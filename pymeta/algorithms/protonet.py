@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import _validate, ops
+from pymeta import _validate, _value_checks, ops
 from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
 from pymeta.algorithms.base import Learner
 from pymeta.core.batched import LossFn, TaskBatched
@@ -110,7 +110,7 @@ class ProtoNet(Learner, cli=("protonet",)):
         """
         _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
         n_way = self.n_way or self._inferred_n_way(support_y)
-        _validate.class_counts(support_y, n_way, "support_y")
+        _value_checks.class_counts(support_y, n_way, "support_y")
         support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
         protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
         return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]
@@ -123,7 +123,7 @@ class ProtoNet(Learner, cli=("protonet",)):
         class above every support label would otherwise fail as an index error."""
         if self.n_way is None and _validate.is_classification_loss(loss_fn) and pred.dim() == 3:
             n_way = pred.shape[-1]
-            _validate.value_check(
+            _value_checks.value_check(
                 lambda: _query_classes_have_prototypes(query_y, n_way), query_y, ok=lambda: (query_y < n_way).all(),
                 message=f"query_y must hold only classes with support examples: ProtoNet took N = {n_way} classes "
                         "from support_y (its largest label + 1)",

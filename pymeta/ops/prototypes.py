@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pymeta import _validate
+from pymeta import _validate, _value_checks
 from pymeta.ops._factory import FusedOp
 
 
@@ -32,7 +32,7 @@ def _one_hot(labels: Tensor, n_way: int, dtype: torch.dtype) -> Tensor:
 
 def reference_forward(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """Pure PyTorch class means ``[T, n_way, D]``; checks the label values first."""
-    counts = _validate.class_counts(labels, n_way)
+    counts = _value_checks.class_counts(labels, n_way)
     acc = torch.promote_types(support.dtype, torch.float32)
     sums = torch.bmm(_one_hot(labels, n_way, acc).mT, support.to(acc))
     return (sums / counts.unsqueeze(-1)).to(support.dtype)
@@ -53,7 +53,7 @@ def _check_label_values(backend: str, support: Tensor, labels: Tensor, n_way: in
     # The cpp kernel and the reference check label values themselves; the GPU kernels
     # cannot raise a ValueError naming the task and class.
     if backend != "cpp":
-        _validate.class_counts(labels, n_way)
+        _value_checks.class_counts(labels, n_way)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:

@@ -40,6 +40,9 @@ from pymeta.training.steps import (
 
 @dataclass
 class Result:
+    """What :func:`train` returns: the resolved config, the learner with its best weights,
+    the validation history and the test statistics."""
+
     config: TrainConfig
     learner: nn.Module
     history: list[dict[str, float]]

@@ -8,6 +8,8 @@ double-backward limitation live -- without the C++ code generation of inductor, 
 one test exercises on the sinusoid workload.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,8 +140,6 @@ def test_inductor_meta_step_equals_eager(dtype):
 
 def test_pymeta_train_compile_trains_like_eager(tmp_path, monkeypatch):
     """``pymeta train --compile`` (backend aot_eager here; inductor is exercised above)."""
-    from functools import partial
-
     from pymeta import training
 
     def run(name, compile):
@@ -154,3 +154,48 @@ def test_pymeta_train_compile_trains_like_eager(tmp_path, monkeypatch):
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     with pytest.raises(ValueError, match="cuda_graph and compile exclude each other"):
         training.TrainConfig(algo="maml", device="cuda", cuda_graph=True, compile=True)._check_cuda_graph()
+
+
+def test_pymeta_train_compile_falls_back_to_eager_with_one_warning_when_compiling_fails(tmp_path, monkeypatch):
+    """A backend that cannot compile the model: one warning naming the reason, and the
+    run trains eagerly from that step on, with the eager run's losses."""
+    from pymeta import training
+
+    def failing_backend(graph, example_inputs):
+        raise NotImplementedError("this backend compiles nothing")
+
+    def run(name, compile):
+        config = training.TrainConfig(algo="maml", data="sinusoid", iterations=4, meta_batch=3, val_every=4,
+                                      val_episodes=3, eval_episodes=3, strategy="lowered", compile=compile,
+                                      out=str(tmp_path / f"{name}.pt"))
+        return training.train(config, progress=False, log=lambda line: None)
+
+    eager = run("eager", False)
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=failing_backend))
+    with pytest.warns(UserWarning, match=r"MAML cannot be compiled \(BackendCompilerFailed: .*this backend "
+                                         r"compiles nothing.*training eagerly") as caught:
+        fallen_back = run("fallen-back", True)
+    assert sum("cannot be compiled" in str(w.message) for w in caught) == 1
+    assert fallen_back.losses == eager.losses
+
+
+def test_compiled_step_names_graph_breaks_besides_backward(monkeypatch):
+    """ProtoNet without ``n_way`` reads the class count from the labels: a graph break,
+    correct but slower, named once on the first step (and never the one at backward())."""
+    from types import SimpleNamespace
+
+    from pymeta.training.steps import CompiledStep
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
+    torch.manual_seed(0)
+    learner = pymeta.ProtoNet(conv_bn().double()[:-1], strategy="lowered")
+    episode = classification_episode(tasks=2)
+    step, spec = CompiledStep(), SimpleNamespace(loss_fn=F.cross_entropy)
+    with pytest.warns(UserWarning, match=r"compiled with \d+ graph break.* besides backward\(\), e.g. .Unsupported Tensor.item\(\)") as caught:
+        step(learner, episode, spec)
+    assert len(caught) == 1
+    compiled_grads = [p.grad.clone() for p in learner.parameters()]
+    learner.zero_grad()
+    learner.train_step(episode, F.cross_entropy)
+    for compiled, eager in zip(compiled_grads, [p.grad for p in learner.parameters()]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)

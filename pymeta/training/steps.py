@@ -4,6 +4,8 @@ replayed CUDA graph), and the NaN/inf check before the optimizer writes them."""
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +31,50 @@ class CompiledStep:
     engine takes its inner gradients with ``torch.func.grad`` when traced) and breaks
     the graph at ``loss.backward()``, which then runs the compiled backward. The first
     step compiles (tens of seconds on a CPU); later steps of the same shapes reuse it.
+
+    A step that cannot be compiled (Dynamo or the backend fails on the model) is never
+    a failed run: one warning names the reason and training goes on eagerly, from the
+    same step, with the same results. Graph breaks other than the one at ``backward()``
+    (e.g. data-dependent Python control flow in the model) are still correct but
+    slower; the first step warns once, naming them.
     """
 
     def __init__(self) -> None:
-        self.compiled: Callable[[Any, Any], Tensor | None] | None = None
+        self.step: Callable[[Any, Any], Tensor | None] | None = None
+        self.compiled = True
 
     def __call__(self, learner: Learner, batch: Any, spec: DataSpec) -> float | None:
-        if self.compiled is None:
-            self.compiled = torch.compile(learner.train_step)
-        loss = self.compiled(batch, spec.loss_fn)
+        first = self.step is None
+        if first:
+            self.step = torch.compile(learner.train_step)
+            breaks_before = graph_breaks()
+        try:
+            loss = self.step(batch, spec.loss_fn)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            # Nothing of a failed step may reach the optimizer: recompute it eagerly.
+            # A backend's failure says what failed in its inner exception, not its first line.
+            cause = getattr(error, "inner_exception", None) or error
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            warnings.warn(f"pymeta train --compile: the training step of {type(learner).__name__} cannot be "
+                          f"compiled ({type(error).__name__}: {reason}); training eagerly", stacklevel=2)
+            learner.zero_grad(set_to_none=True)
+            self.step, self.compiled = learner.train_step, False
+            loss = self.step(batch, spec.loss_fn)
+        if first and self.compiled:
+            extra = graph_breaks() - breaks_before
+            if extra:
+                reason = next(iter(extra)).strip().splitlines()[0]
+                warnings.warn(f"pymeta train --compile: the training step of {type(learner).__name__} compiled with "
+                              f"{sum(extra.values())} graph break(s) besides backward(), e.g. '{reason}': correct, "
+                              "but slower than one graph", stacklevel=2)
         return None if loss is None else loss.item()
+
+
+def graph_breaks() -> Counter[str]:
+    """Dynamo's graph-break reasons so far, without the expected one at ``backward()``."""
+    from torch._dynamo.utils import counters
+
+    return Counter({reason: n for reason, n in counters["graph_break"].items() if "Tensor.backward()" not in reason})
 
 
 class GraphedEpisodeStep:

@@ -197,5 +197,5 @@ def test_compiled_step_names_graph_breaks_besides_backward(monkeypatch):
     compiled_grads = [p.grad.clone() for p in learner.parameters()]
     learner.zero_grad()
     learner.train_step(episode, F.cross_entropy)
-    for compiled, eager in zip(compiled_grads, [p.grad for p in learner.parameters()]):
+    for compiled, eager in zip(compiled_grads, [p.grad for p in learner.parameters()], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)

@@ -306,8 +306,11 @@ WORKLOADS: dict[str, Workload] = {
            {"task_chunk": 1}),
         Workload("sinusoid-metasgd-1step", "d", f"{_SIN}, Meta-SGD, 1 step", partial(sinusoid, "metasgd", 1), _FULL, 1e-5),
         Workload("sinusoid-metasgd-5step", "d", f"{_SIN}, Meta-SGD, 5 steps", partial(sinusoid, "metasgd", 5), _FULL, 1e-4),
+        # pymeta: one task per chunk, as the memory target is easyfsl's per-task peak (all 16
+        # tasks at once hold 16 encoder graphs: ~14x easyfsl's peak, and no faster on CPU).
         Workload("conv4-relationnet", "e", f"{_EPISODES}, 16 tasks, RelationNet (conv4 maps 64x7x7, MSE)",
-           conv4_relationnet, _EASYFSL, 1e-4),
+           conv4_relationnet, _EASYFSL, 1e-4, {"task_chunk": 1}),
+        # pymeta: all tasks at once, its LSTMs batched over them (no memory target).
         Workload("conv4-matchingnet", "f", f"{_EPISODES}, 16 tasks, MatchingNet (conv4, FCE, NLL)",
            conv4_matchingnet, _EASYFSL, 1e-4),
         # Long inner loops: memory/time of pymeta[checkpoint_steps=1] vs plain, per step count.

@@ -23,7 +23,7 @@ Measured per workload and library:
   achieved fraction of the fp32 matmul peak (a large ``torch.mm`` timed in the same run,
   on the same device); kernels: CUDA kernels launched by one meta-step (``n/a`` on CPU).
 * correctness: every library's float32 meta-gradient against the baseline's
-  (learn2learn; easyfsl for ProtoNet); for conv4 second order also float64 (pymeta with
+  (learn2learn; easyfsl for ProtoNet, RelationNet and MatchingNet); for conv4 second order also float64 (pymeta with
   each concrete strategy, and torch.func, known to be wrong through BatchNorm), and
   ProtoNet logits against easyfsl's.
 
@@ -71,11 +71,11 @@ from report import baseline_name, goal_lines, plot, print_table, rows_for_csv
 from runner import Entry, build_entry, prepare, time_round
 from workloads import COMPILED, GROUPS, WORKLOADS
 
-DEFAULT_GROUPS = ("a", "b", "c", "d")  # m, long inner loops, is opt-in: slow
+DEFAULT_GROUPS = ("a", "b", "c", "d", "e", "f")  # m, long inner loops, is opt-in: slow
 
 
 def resolve_workloads(names: Sequence[str]) -> list[str]:
-    """Workload names from names and group letters (a, b, c, d, m), in WORKLOADS order."""
+    """Workload names from names and group letters (``GROUPS``: a-f, m), in WORKLOADS order."""
     wanted: set[str] = set()
     for name in names:
         if name not in GROUPS and name not in WORKLOADS:
@@ -88,8 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=list(DEFAULT_GROUPS), metavar="NAME",
-                   help="workload names or groups a b c d m (default: a b c d; m, long inner "
-                        f"loops, is slow): {', '.join(WORKLOADS)}")
+                   help=f"workload names or groups {' '.join(GROUPS)} (default: {' '.join(DEFAULT_GROUPS)}; "
+                        f"m, long inner loops, is slow): {', '.join(WORKLOADS)}")
     p.add_argument("--libraries", nargs="+", default=None, metavar="LIB",
                    help=f"libraries (default: each workload's, {', '.join(LIBRARIES)} and {', '.join(COMPILED)} "
                         "where they apply); options in brackets add a variant: '[compile=1]' for any "

@@ -8,18 +8,24 @@ it importing torch twice and pymeta's strategy warm-up); wall time grows with ma
 Also: ``--device cuda`` without a GPU fails with a clear error,
 ``measure.count_kernel_launches`` returns None on CPU (no kernels to count), and the GPU
 check's dry run (``pymeta bench gpu --dry-run``) finds everything it would run importable
-and lists its steps within the 8-minute budget.
+and lists its steps within the 8-minute budget. The metric-learner workloads (e)
+RelationNet and (f) MatchingNet are built in-process with 2 tasks: pymeta's meta-step
+gives every parameter a gradient (no peers needed), and where easyfsl is installed its
+per-task meta-gradient equals pymeta's (~1 s each).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -125,3 +131,60 @@ def test_gpu_check_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
                             timeout=300, cwd=ROOT, env=env)  # fmt: skip
     assert result.returncode == 2
     assert "no CUDA device visible to torch" in result.stderr and "--dry-run" in result.stderr
+
+
+@pytest.fixture
+def bench() -> Iterator[SimpleNamespace]:
+    """The benchmark's ``workloads`` and ``peers`` modules, imported as ``bench_meta.py``
+    imports them (its folder on ``sys.path``) and dropped from ``sys.modules`` afterwards."""
+    if not DRIVER.is_file():
+        pytest.skip("needs the benchmarks/ folder of a checkout")
+    before = set(sys.modules)
+    sys.path.insert(0, str(DRIVER.parent))
+    try:
+        yield SimpleNamespace(workloads=importlib.import_module("workloads"), peers=importlib.import_module("peers"))
+    finally:
+        sys.path.remove(str(DRIVER.parent))
+        for name in set(sys.modules) - before:
+            if name in ("workloads", "peers") or name.startswith("peers."):
+                del sys.modules[name]
+
+
+METRIC_WORKLOADS = {"conv4-relationnet": ("e", (64, 7, 7)), "conv4-matchingnet": ("f", (64,))}
+
+
+@pytest.mark.parametrize("name", METRIC_WORKLOADS)
+def test_metric_workload_builds_and_pymeta_steps(bench: SimpleNamespace, name: str) -> None:
+    group, features = METRIC_WORKLOADS[name]
+    workload = bench.workloads.WORKLOADS[name]
+    assert workload.group == group and bench.workloads.GROUPS[group] == (name,)
+    assert workload.baseline == "easyfsl" and workload.libraries == ("pymeta", "easyfsl")
+    assert workload.problem().data.num_tasks == 16
+    problem = workload.problem(tasks=2)
+    assert problem.algorithm == workload.algorithm and problem.n_way == 5 and problem.feature_dim == 64
+    sx = problem.data.support_x
+    assert tuple(sx.shape) == (2, 5, 1, 28, 28) and tuple(problem.data.query_x.shape) == (2, 75, 1, 28, 28)
+    with torch.no_grad():
+        assert tuple(problem.model["encoder"](sx[0]).shape) == (5, *features)
+
+    meta = bench.peers.build("pymeta[loop]", problem, **workload.pymeta_options)
+    assert meta.params == list(problem.model.parameters())  # the modules easyfsl gets too
+    meta.step()
+    for (param_name, _), p in zip(problem.model.named_parameters(), meta.params, strict=True):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), param_name
+    assert meta.gradient().abs().max() > 0
+
+
+@pytest.mark.parametrize("name", METRIC_WORKLOADS)
+def test_metric_workload_meta_gradient_equals_easyfsls(bench: SimpleNamespace, name: str) -> None:
+    workload = bench.workloads.WORKLOADS[name]
+    try:
+        theirs = bench.peers.build("easyfsl", workload.problem(tasks=2))
+    except bench.peers.PeerUnavailable as exc:
+        pytest.skip(f"easyfsl is not usable here ({exc.reason}); see benchmarks/README.md for the peers venv")
+    ours = bench.peers.build("pymeta[loop]", workload.problem(tasks=2), **workload.pymeta_options)
+    ours.step()
+    theirs.step()
+    ref = theirs.gradient()
+    rel = ((ours.gradient() - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= workload.grad_tol, f"{name}: pymeta vs easyfsl meta-gradient rel {rel:.2e}"

@@ -1,5 +1,10 @@
 """pymeta (this library): one batched ``episode`` over all tasks, one ``backward()``.
 
+MAML / Meta-SGD, and the metric learners ProtoNet, RelationNet and MatchingNet with
+``batch_stats="separate"`` (each task's support and query images in separate BatchNorm
+batches, as easyfsl's per-task loop: pymeta's default ``"joint"`` normalises them
+together and computes another function).
+
 Every step is ``pymeta.algorithms.episode_loss(learner, ...).backward()``, the loss that
 ``pymeta train`` uses: ``loss_fn`` of the flattened ``[T * Q, ...]`` predictions, which
 with equally many queries per task is the mean over tasks of the per-task query losses,
@@ -17,6 +22,7 @@ function that calls ``episode_loss`` and returns the loss runs under ``torch.com
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 from workloads import Problem
@@ -49,11 +55,34 @@ metasgd = maml
 def protonet(
     problem: Problem, *, strategy: str = "auto", task_chunk: int | None = None, cuda_graph: int = 0, compile: int = 0
 ) -> MetaStep:
-    """``pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate")``: each
-    task's support and query images in separate encoder batches, as easyfsl does, so the
-    logits agree with easyfsl's to float32 rounding (pymeta's default ``"joint"`` takes
-    BatchNorm statistics over both). ``strategy`` is how the encoder runs on all tasks."""
+    """``pymeta.ProtoNet(encoder, metric="euclidean", batch_stats="separate")``: the
+    logits agree with easyfsl's to float32 rounding. ``strategy`` is how the encoder runs
+    on all tasks."""
     return _step(_protonet(problem, strategy, task_chunk), problem, cuda_graph, compile)
+
+
+def relationnet(
+    problem: Problem, *, strategy: str = "auto", task_chunk: int | None = None, cuda_graph: int = 0, compile: int = 0
+) -> MetaStep:
+    """``pymeta.RelationNet(encoder, feature_dim, relation_module, batch_stats="separate")``
+    on the problem's modules; train mode, so the relation module's BatchNorm normalises
+    each task's ``Q * N`` pairs on their own, as easyfsl's per-task forward."""
+    m = problem.model
+    learner = _metric_learner("RelationNet", problem, strategy, task_chunk, m["encoder"], problem.feature_dim,
+                              m["relation_module"])  # fmt: skip
+    return _step(learner, problem, cuda_graph, compile)
+
+
+def matchingnet(
+    problem: Problem, *, strategy: str = "auto", task_chunk: int | None = None, cuda_graph: int = 0, compile: int = 0
+) -> MetaStep:
+    """``pymeta.MatchingNet(encoder, feature_dim, support_encoder, query_encoder, fce=True,
+    batch_stats="separate")`` on the problem's modules (full context embeddings, batched
+    over tasks: one LSTM call and S cell steps for the whole meta-batch)."""
+    m = problem.model
+    learner = _metric_learner("MatchingNet", problem, strategy, task_chunk, m["encoder"], problem.feature_dim,
+                              m["support_encoder"], m["query_encoder"], fce=True)  # fmt: skip
+    return _step(learner, problem, cuda_graph, compile)
 
 
 def protonet_logits(problem: Problem) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -62,9 +91,16 @@ def protonet_logits(problem: Problem) -> Callable[[Tensor, Tensor, Tensor], Tens
 
 
 def _protonet(problem: Problem, strategy: str, task_chunk: int | None) -> nn.Module:
-    pymeta = import_peer("pymeta", "pymeta")
-    return pymeta.ProtoNet(problem.model, metric="euclidean", batch_stats="separate", strategy=strategy,
-                           n_way=problem.n_way, task_chunk=task_chunk)  # fmt: skip
+    return _metric_learner("ProtoNet", problem, strategy, task_chunk, problem.model, metric="euclidean")
+
+
+def _metric_learner(
+    name: str, problem: Problem, strategy: str, task_chunk: int | None, *args: Any, **kwargs: Any
+) -> nn.Module:
+    """``pymeta.<name>(*args, **kwargs)`` with easyfsl's BatchNorm batches
+    (``batch_stats="separate"``), the problem's ``n_way``, ``strategy`` and ``task_chunk``."""
+    cls = getattr(import_peer("pymeta", "pymeta"), name)
+    return cls(*args, **kwargs, batch_stats="separate", strategy=strategy, n_way=problem.n_way, task_chunk=task_chunk)
 
 
 def _step(learner: nn.Module, problem: Problem, cuda_graph: int, compile: int) -> MetaStep:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,31 @@ def _triton_cuda_reason() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_triton_kernels_compile_to_ptx(module):
+def run_all(commands: dict[str, list[str]], **kwargs) -> dict[str, subprocess.CompletedProcess]:
+    """Run the compiler ``commands`` (name -> argv) concurrently, one per CPU core: each
+    compile is one single-threaded process, and together they are most of this file's
+    time in CI."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {name: pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=900, **kwargs)
+                   for name, cmd in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def ptx_results():
+    """Every kernel module's PTX compile (name -> finished process)."""
     reason = _triton_cuda_reason()
     if reason is not None:
         pytest.skip(reason)
     # Fusion explicit: keeps Triton 3.9's "TRITON_DEFAULT_FP_FUSION is unset" warning out.
     env = {**os.environ, "TRITON_INTERPRET": "0",
            "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
-    cmd = [sys.executable, "-c", COMPILE_SCRIPT, module, *map(str, ARCHS)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return run_all({m: [sys.executable, "-c", COMPILE_SCRIPT, m, *map(str, ARCHS)] for m in KERNEL_MODULES}, env=env)
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_triton_kernels_compile_to_ptx(module, ptx_results):
+    result = ptx_results[module]
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -81,8 +97,9 @@ def objects(tmp_path_factory):
     return tmp_path_factory.mktemp("cuda_objects")
 
 
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
-def test_cuda_sources_compile_with_nvcc(source, objects):
+@pytest.fixture(scope="module")
+def nvcc_results(objects):
+    """Every CUDA source compiled into ``objects`` (name -> (command, finished process))."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     nvcc = _nvcc()
@@ -90,14 +107,23 @@ def test_cuda_sources_compile_with_nvcc(source, objects):
         pytest.skip("nvcc not found (neither on PATH nor in CUDA_HOME/bin): CUDA sources not compile-checked")
     archs = [arg for a in ARCHS for arg in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
     # The flags of the JIT build (pymeta.ops._extension and torch's own nvcc flags).
-    cmd = [nvcc, "-std=c++17", *archs, *COMMON_NVCC_FLAGS, "-O3", "--use_fast_math", "-Xcompiler", "-fPIC",
-           f"-I{source.parent}", *(f"-I{p}" for p in include_paths()), "-c", str(source),
-           "-o", str(objects / f"{source.stem}.o")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    commands = {
+        source.name: [nvcc, "-std=c++17", *archs, *COMMON_NVCC_FLAGS, "-O3", "--use_fast_math", "-Xcompiler",
+                      "-fPIC", f"-I{source.parent}", *(f"-I{p}" for p in include_paths()), "-c", str(source),
+                      "-o", str(objects / f"{source.stem}.o")]
+        for source in CUDA_SOURCES
+    }
+    results = run_all(commands)
+    return {name: (commands[name], results[name]) for name in commands}
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
+def test_cuda_sources_compile_with_nvcc(source, nvcc_results):
+    cmd, result = nvcc_results[source.name]
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
 
 
-def test_cuda_objects_link_into_one_library(objects):
+def test_cuda_objects_link_into_one_library(objects, nvcc_results):
     """The JIT build links every .cu into one library: no symbol may be defined twice
     (e.g. a non-template kernel defined in a header that two .cu files include)."""
     built = sorted(objects.glob("*.o"))

@@ -15,6 +15,15 @@ import pytest
 import torch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker takes its share of the cores as torch threads: two
+    workers of two OpenMP threads each on two cores stall each other (a conv4 meta-step
+    measured ~50x slower than with one thread each)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the tests marked ``gpu`` where torch sees no CUDA device."""
     if torch.cuda.is_available():

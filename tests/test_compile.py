@@ -138,19 +138,22 @@ def test_inductor_meta_step_equals_eager(dtype):
         assert err < tol
 
 
+def train_sinusoid(out, compile):
+    """A short ``pymeta train --algo maml --data sinusoid`` run (``--compile`` if asked)."""
+    from pymeta import training
+
+    config = training.TrainConfig(algo="maml", data="sinusoid", iterations=6, meta_batch=3, val_every=6,
+                                  val_episodes=3, eval_episodes=3, strategy="lowered", compile=compile, out=str(out))
+    return training.train(config, progress=False, log=lambda line: None)
+
+
 def test_pymeta_train_compile_trains_like_eager(tmp_path, monkeypatch):
     """``pymeta train --compile`` (backend aot_eager here; inductor is exercised above)."""
     from pymeta import training
 
-    def run(name, compile):
-        config = training.TrainConfig(algo="maml", data="sinusoid", iterations=6, meta_batch=3, val_every=6,
-                                      val_episodes=3, eval_episodes=3, strategy="lowered", compile=compile,
-                                      out=str(tmp_path / f"{name}.pt"))
-        return training.train(config, progress=False, log=lambda line: None)
-
-    eager = run("eager", False)
+    eager = train_sinusoid(tmp_path / "eager.pt", False)
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
-    compiled = run("compiled", True)
+    compiled = train_sinusoid(tmp_path / "compiled.pt", True)
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
     with pytest.raises(ValueError, match="cuda_graph and compile exclude each other"):
         training.TrainConfig(algo="maml", device="cuda", cuda_graph=True, compile=True)._check_cuda_graph()
@@ -159,22 +162,15 @@ def test_pymeta_train_compile_trains_like_eager(tmp_path, monkeypatch):
 def test_pymeta_train_compile_falls_back_to_eager_with_one_warning_when_compiling_fails(tmp_path, monkeypatch):
     """A backend that cannot compile the model: one warning naming the reason, and the
     run trains eagerly from that step on, with the eager run's losses."""
-    from pymeta import training
 
     def failing_backend(graph, example_inputs):
         raise NotImplementedError("this backend compiles nothing")
 
-    def run(name, compile):
-        config = training.TrainConfig(algo="maml", data="sinusoid", iterations=4, meta_batch=3, val_every=4,
-                                      val_episodes=3, eval_episodes=3, strategy="lowered", compile=compile,
-                                      out=str(tmp_path / f"{name}.pt"))
-        return training.train(config, progress=False, log=lambda line: None)
-
-    eager = run("eager", False)
+    eager = train_sinusoid(tmp_path / "eager.pt", False)
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=failing_backend))
     with pytest.warns(UserWarning, match=r"MAML cannot be compiled \(BackendCompilerFailed: .*this backend "
                                          r"compiles nothing.*training eagerly") as caught:
-        fallen_back = run("fallen-back", True)
+        fallen_back = train_sinusoid(tmp_path / "fallen-back.pt", True)
     assert sum("cannot be compiled" in str(w.message) for w in caught) == 1
     assert fallen_back.losses == eager.losses
 

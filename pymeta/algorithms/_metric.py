@@ -1,5 +1,5 @@
-"""What RelationNet and MatchingNet share: a shared-weight encoder run on every task of
-an episode at once, N inferred from the labels, and training on their own loss."""
+"""What ProtoNet, RelationNet and MatchingNet share: a shared-weight encoder run on every
+task of an episode at once, and N inferred from the labels."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class MetricLearner(Learner):
         task_chunk: the default ``task_chunk`` of :meth:`meta_loss` (None: all tasks).
 
     The training loss is the learner's own (:meth:`query_loss`): its outputs are not
-    logits, so :meth:`train_step` uses it instead of the command's classification loss.
+    logits, so :meth:`train_step` uses it instead of the command's classification loss
+    (ProtoNet, whose outputs are logits, keeps :meth:`Learner.train_step`).
     """
 
     cli_options = frozenset({"task_chunk"})
@@ -48,11 +49,13 @@ class MetricLearner(Learner):
         self.n_way = n_way
         self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
         self._embedder = TaskBatched(encoder)
+        # None without BatchNorm (nothing to choose); a checkpointed attribute otherwise.
         self._picker = embedding_picker(self._embedder, strategy)
 
     @property
     def strategy(self) -> str | None:
-        """The encoder's execution strategy (None: still measuring, or no BatchNorm)."""
+        """The encoder's execution strategy: None while ``"auto"`` is still measuring, and
+        None when the encoder has no BatchNorm (all tasks run as one batch)."""
         return None if self._picker is None else self._picker.chosen
 
     def forward(self, x: Tensor) -> Tensor:

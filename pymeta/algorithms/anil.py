@@ -118,10 +118,6 @@ class ANIL(Learner, cli=("anil",)):
         Returns:
             ``[T, Q, ...]`` predictions of the adapted heads.
         """
-        loss_fn = self.query_loss(support_y)
-        _validate.episode(
-            support_x, support_y, query_x,
-            classification=_validate.is_classification_loss(loss_fn), model=self.features,
-        )
+        self._checked_query_loss(support_x, support_y, query_x, self.features)
         support, query = embed_episode(self._embedder, self._embed_picker, support_x, query_x)
         return self.head.episode(support, support_y, query)

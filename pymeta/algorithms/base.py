@@ -118,6 +118,15 @@ class Learner(nn.Module):
         """Check ``query_y`` against the predictions ``pred: [T, Q, ...]`` for ``loss_fn``."""
         _validate.targets("query_y", pred, query_y, loss_fn)
 
+    def _checked_query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, model: nn.Module) -> LossFn:
+        """:meth:`query_loss`, after checking the episode's tensors against it and ``model``
+        (the network the inputs go into)."""
+        loss_fn = self.query_loss(support_y)
+        _validate.episode(
+            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn), model=model
+        )
+        return loss_fn
+
     @property
     def inner_steps(self) -> int | None:
         """Inner SGD steps per task (None: this learner does not adapt by steps)."""

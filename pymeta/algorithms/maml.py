@@ -125,17 +125,8 @@ class MAML(Learner, cli=("maml", "fomaml")):
         Returns:
             ``[T, Q, ...]`` predictions of the adapted models (logits for classifiers).
         """
-        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        inner_loss = self._checked_query_loss(support_x, support_y, query_x, self.module)
         return self._adapt_and_predict(support_x, support_y, query_x, inner_loss)
-
-    def _checked_inner_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> LossFn:
-        """The inner-loop loss, after checking the episode's tensors against it and the model."""
-        loss_fn = self.query_loss(support_y)
-        _validate.episode(
-            support_x, support_y, query_x, classification=_validate.is_classification_loss(loss_fn),
-            model=self.module,
-        )
-        return loss_fn
 
     def _adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, loss_fn: LossFn) -> Tensor:
         """:meth:`episode` on already checked inputs."""
@@ -152,7 +143,7 @@ class MAML(Learner, cli=("maml", "fomaml")):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor
     ) -> tuple[LossFn, Callable[[slice], Tensor]]:
         """For :meth:`meta_loss`: the episode is checked once here; chunks only adapt and predict."""
-        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        inner_loss = self._checked_query_loss(support_x, support_y, query_x, self.module)
         return inner_loss, lambda tasks: self._adapt_and_predict(
             support_x[tasks], support_y[tasks], query_x[tasks], inner_loss
         )

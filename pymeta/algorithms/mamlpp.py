@@ -212,7 +212,7 @@ class MAMLpp(MAML, cli=("mamlpp",)):
     def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Predictions ``[T, Q, ...]`` after ``inner_steps`` steps (see :meth:`MAML.episode`);
         a training episode (train mode, autograd on) updates the per-step statistics."""
-        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        inner_loss = self._checked_query_loss(support_x, support_y, query_x, self.module)
         stats = StatsSum() if self._recording() else None
         with self._picker.timed() as strategy:
             pred = self._adapt(support_x, support_y, query_x, inner_loss, strategy, {self.steps}, stats)
@@ -234,7 +234,7 @@ class MAMLpp(MAML, cli=("mamlpp",)):
         last step's. With a ``task_chunk`` (argument or the learner's) its gradients are
         taken chunk by chunk as in :meth:`Learner.meta_loss`; without one it is an
         ordinary differentiable loss (``torch.compile`` traces it in one graph)."""
-        inner_loss = self._checked_inner_loss(support_x, support_y, query_x)
+        inner_loss = self._checked_query_loss(support_x, support_y, query_x, self.module)
         stats = StatsSum() if self._recording() else None
         weights = {k: self.msl_weights[k - 1] for k in range(1, self.steps + 1)} if self._msl else {self.steps: 1.0}
 

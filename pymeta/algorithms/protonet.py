@@ -8,17 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pymeta import _validate, _value_checks, ops
-from pymeta.algorithms._embed import BATCH_STATS, embed_episode, embedding_picker
+from pymeta.algorithms._metric import MetricLearner
 from pymeta.algorithms.base import Learner
-from pymeta.core.batched import LossFn, TaskBatched
-from pymeta.ops._backends import capturing
+from pymeta.core.batched import LossFn
 from pymeta.ops.proto_logits import METRICS
 
 if TYPE_CHECKING:
     from pymeta.training import DataSpec, TrainConfig
 
 
-class ProtoNet(Learner, cli=("protonet",)):
+class ProtoNet(MetricLearner, cli=("protonet",)):
     """Classify each query by its distance to the mean support embedding of each class.
 
     Args:
@@ -73,29 +72,8 @@ class ProtoNet(Learner, cli=("protonet",)):
         n_way: int | None = None,
         task_chunk: int | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(encoder, nn.Module):
-            raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
-        self.encoder = encoder
+        super().__init__(encoder, batch_stats=batch_stats, strategy=strategy, n_way=n_way, task_chunk=task_chunk)
         self.metric = _validate.choice("metric", metric, METRICS)
-        self.batch_stats = _validate.choice("batch_stats", batch_stats, BATCH_STATS)
-        if n_way is not None and _validate.positive_int("n_way", n_way) < 2:
-            raise ValueError(f"n_way must be >= 2 (a ProtoNet classifies among N classes), got {n_way}")
-        self.n_way = n_way
-        self.task_chunk = None if task_chunk is None else _validate.positive_int("task_chunk", task_chunk)
-        self._embedder = TaskBatched(encoder)
-        # None without BatchNorm (nothing to choose); a checkpointed attribute otherwise.
-        self._picker = embedding_picker(self._embedder, strategy)
-
-    @property
-    def strategy(self) -> str | None:
-        """The encoder's execution strategy: None while ``"auto"`` is still measuring, and
-        None when the encoder has no BatchNorm (all tasks run as one batch)."""
-        return None if self._picker is None else self._picker.chosen
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Embeddings of one batch: ``[B, ...] -> [B, ...]``."""
-        return self.encoder(x)
 
     def episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Logits of every query against its task's class prototypes.
@@ -108,15 +86,16 @@ class ProtoNet(Learner, cli=("protonet",)):
         Returns:
             ``[T, Q, N]`` logits (negative distances, or cosine similarities).
         """
-        _validate.episode(support_x, support_y, query_x, classification=True, model=self.encoder)
-        n_way = self.n_way or self._inferred_n_way(support_y)
-        _value_checks.class_counts(support_y, n_way, "support_y")
-        support, query = embed_episode(self._embedder, self._picker, support_x, query_x, self.batch_stats)
+        n_way, _, support, query = self._embed(support_x, support_y, query_x)
         protos = ops.prototypes(support.flatten(2), support_y, n_way)  # [T, N, D]
         return ops.proto_logits(query.flatten(2), protos, self.metric)  # [T, Q, N]
 
     def query_loss(self, support_y: Tensor) -> LossFn:
         return F.cross_entropy
+
+    # Logits: trained on the caller's loss_fn, as by any Learner (the metric learners
+    # whose outputs are not logits train on their own query_loss instead).
+    train_step = Learner.train_step
 
     def _check_targets(self, pred: Tensor, query_y: Tensor, loss_fn: LossFn) -> None:
         """Query labels must have a prototype: with N inferred from ``support_y``, a query
@@ -130,30 +109,10 @@ class ProtoNet(Learner, cli=("protonet",)):
             )
         super()._check_targets(pred, query_y, loss_fn)
 
-    def capture_blockers(self) -> list[str]:
-        blockers = super().capture_blockers()
-        if self.n_way is None:
-            blockers.append("ProtoNet infers n_way from the labels' values on the host: "
-                            "construct it with ProtoNet(..., n_way=N)")
-        return blockers
-
     @classmethod
     def from_config(cls, config: TrainConfig, data: DataSpec) -> ProtoNet:
         return cls(data.backbone(n_out=None), strategy=config.strategy, n_way=config.ways,
                    task_chunk=config.task_chunk)
-
-    @staticmethod
-    def _inferred_n_way(support_y: Tensor) -> int:
-        """N from the labels ``0..N-1`` (reads them: a device sync, so never under capture)."""
-        if capturing():
-            raise RuntimeError(
-                "ProtoNet infers the number of classes from the values of support_y, which a CUDA graph "
-                "cannot capture: pass ProtoNet(..., n_way=N)"
-            )
-        n_way = int(support_y.max()) + 1
-        if n_way < 2:
-            raise ValueError(f"support_y must hold at least 2 classes (labels 0..N-1), got only class {n_way - 1}")
-        return n_way
 
 
 def _query_classes_have_prototypes(query_y: Tensor, n_way: int) -> None:

@@ -97,7 +97,7 @@ class Reptile(MAML, cli=("reptile",)):
         Adds ``outer_scale * (p - mean_t phi_t)`` to ``p.grad`` (sets it when None), as
         ``backward()`` accumulates; call ``optimizer.zero_grad()`` first.
         """
-        loss_fn = self._checked_inner_loss(support_x, support_y, support_x)
+        loss_fn = self._checked_query_loss(support_x, support_y, support_x, self.module)
         num_tasks = support_x.shape[0]
         # The direction is a constant: no outer graph (the inner loop still takes its grads).
         with torch.no_grad():

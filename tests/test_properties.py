@@ -120,7 +120,10 @@ def episodes(draw, algo: str):
         sy = sy.float()
     elif mutation == "label_high":
         sy = sy.clone()
-        sy[t, s] = WAYS + draw(st.integers(0, 3))
+        # Above WAYS, not at it: ProtoNet infers N from the largest label, and a label of
+        # exactly WAYS can then make a valid (WAYS + 1)-way episode; with a gap, class WAYS
+        # has no example, an error for every learner.
+        sy[t, s] = WAYS + 1 + draw(st.integers(0, 2))
     elif mutation == "label_negative":
         sy = sy.clone()
         sy[t, s] = -draw(st.integers(1, 3))

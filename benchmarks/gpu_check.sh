@@ -59,7 +59,7 @@ META_LIBS=(pymeta "pymeta[compile=1]" "pymeta[cuda_graph=1]" learn2learn torch.f
 STEPS=(
     "build|120|$PY -m pymeta build-ext --verbose && $PY -c \"import sys, pymeta.ops; s = pymeta.ops.backends()['cuda']; print('cuda backend:', s); sys.exit(s != 'available')\""
     "env|15|$PY -m pymeta info && { nvidia-smi || echo 'nvidia-smi: not available'; }"
-    "tests|90|$PY -m pytest -v --tb=short -m gpu tests/ --junitxml=$OUT/tests.xml"
+    "tests|90|$PY -m pytest -n 0 -v --tb=short -m gpu tests/ --junitxml=$OUT/tests.xml"
     "bench-ops|75|$PY -m pymeta bench ops --device cuda --repeats 1 --out-dir $OUT/ops"
     "meta-a|40|${META[*]} --workloads a --libraries ${META_LIBS[*]@Q} --out-dir $OUT/meta-a"
     "meta-b|45|${META[*]} --workloads b --libraries ${META_LIBS[*]@Q} --out-dir $OUT/meta-b"
@@ -113,7 +113,7 @@ for lib in ("triton", "learn2learn", "higher", "easyfsl"):
 print(f"  CUDA device visible to torch: {torch.cuda.is_available()}")
 sys.exit(failed)
 EOF
-    collected="$("$PY" -m pytest -q --collect-only -m gpu tests/ 2>&1 | tail -1)"
+    collected="$("$PY" -m pytest -n 0 -q --collect-only -m gpu tests/ 2>&1 | tail -1)"
     echo "  pytest -m gpu collects: $collected"
     [[ "$collected" =~ ^[0-9]+/[0-9]+\ tests\ collected ]] || { echo "dry run: collecting the gpu tests failed"; exit 1; }
     echo "dry run ok: on a GPU, 'bash benchmarks/gpu_check.sh OUT_DIR' runs the steps above"

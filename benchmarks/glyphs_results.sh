@@ -8,7 +8,7 @@
 #   bash benchmarks/glyphs_results.sh [OUT_DIR [NAME...]]   (default: runs/results, every run)
 #
 # Name runs to do a part of them (e.g. `bash benchmarks/glyphs_results.sh runs/results mann
-# lstm`); an unknown name lists them all. On 2 CPU cores MANN takes ~25 min, MAML++ ~10 min
+# lstm`); an unknown name lists them all. On a quiet 2-core CPU MANN takes ~5 min, MAML++ ~5-13 min
 # a shot count, every other run a few minutes.
 set -euo pipefail
 out=${1:-runs/results}

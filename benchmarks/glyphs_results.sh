@@ -8,8 +8,8 @@
 #   bash benchmarks/glyphs_results.sh [OUT_DIR [NAME...]]   (default: runs/results, every run)
 #
 # Name runs to do a part of them (e.g. `bash benchmarks/glyphs_results.sh runs/results mann
-# lstm`); an unknown name lists them all. On a quiet 2-core CPU MANN takes ~5 min, MAML++ ~5-13 min
-# a shot count, every other run a few minutes.
+# lstm`); an unknown name lists them all. MANN takes ~5 min on a quiet 2-core CPU; on a busy
+# one MAML++ took 4 / 13 min (1 / 5 shots) and every other run a few minutes.
 set -euo pipefail
 out=${1:-runs/results}
 shift || true

@@ -4,12 +4,14 @@
 (per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
 temporary), ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward),
 ``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over every (query,
-class) pair, no ``[Q * N, 2C, H, W]`` pairs) and ``memory_access`` (one MANN step: LRU
+class) pair, no ``[Q * N, 2C, H, W]`` pairs), ``batch_norm_relu_pool`` (a conv4
+block's BatchNorm, ReLU and 2x2 max-pooling in one pass) and ``memory_access`` (one MANN step: LRU
 write and cosine reads). ``backends()`` says which backends run here and why the others
 do not; ``usage()`` which backend each op call of this process ran on, and why.
 """
 
 from pymeta.ops._backends import backends, force_backend, reset_usage, usage
+from pymeta.ops.batch_norm_relu_pool import batch_norm_relu_pool
 from pymeta.ops.inner_sgd import inner_sgd
 from pymeta.ops.max_pool2d import max_pool2d
 from pymeta.ops.memory_access import memory_access
@@ -18,6 +20,6 @@ from pymeta.ops.prototypes import prototypes
 from pymeta.ops.relation_pairs import relation_pairs
 
 __all__ = [
-    "backends", "force_backend", "inner_sgd", "max_pool2d", "memory_access", "proto_logits", "prototypes",
+    "backends", "batch_norm_relu_pool", "force_backend", "inner_sgd", "max_pool2d", "memory_access", "proto_logits", "prototypes",
     "relation_pairs", "reset_usage", "usage",
 ]

@@ -1,0 +1,409 @@
+// C++ CPU kernels of pymeta::batch_norm_relu_pool (BatchNorm, ReLU and 2x2 max-pooling
+// of conv4's blocks in one pass) and its backward. Math: pymeta/ops/batch_norm_relu_pool.py.
+//
+// Layout (contiguous NCHW): x [B, C, H, W], out [B, C, H/2, W/2] (floor), weight, bias,
+// running statistics [C]. Work is split by channel: one channel of a conv4 batch
+// ([75, ., 28, 28]: 75 planes of 784 values, 235 KB in float32) stays in the L2 cache
+// while every pass of its statistics, normalisation, pooling and gradient runs over it,
+// so the full-resolution tensor is read from memory about once per direction, and the
+// normalised full-resolution tensor, the pooling indices and the zero-filled gradient
+// buffer ATen's three kernels need never exist.
+//
+// With scale = weight * invstd and shift = bias - mean * scale, y = x * scale + shift is
+// monotonic in x, so each window's maximum of y is y at the window's maximum of x (its
+// minimum when scale < 0; its first element when scale is 0 and all of y is equal). The
+// window is chosen on x by ATen's rule (a greater, or here smaller, value or a NaN takes
+// over), an integer decision that the forward and the backward make identically.
+// Backward (train mode, M = B * H * W positions, gz = grad where out > 0):
+//   s1 = sum gz, s2 = sum gz * xhat[argmax],
+//   grad x = scale * ([x is its window's argmax] gz - s1 / M - xhat * s2 / M),
+// (eval mode: scale * [argmax] gz), grad weight = s2, grad bias = s1.
+// Sums run in float lanes per plane and in double across planes.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+// The window loops select between values by comparisons (max, ReLU, the chosen
+// element); under GCC's default -ftrapping-math a comparison that could raise an FP
+// exception is not executed speculatively, so none of them vectorised (2.5x slower
+// backward). pymeta never enables FP traps, so nothing changes but speed.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace pymeta {
+namespace {
+
+// As in max_pool2d.cpp: an AVX2 clone picked at load time (the JIT build has no -march);
+// the default clone is the portable path, same loops at SSE2 width.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYMETA_MULTIVERSION
+#endif
+
+// Everything a multiversioned entry point calls must be inlined into it, or it is
+// compiled for the default target only.
+#if defined(__GNUC__)
+#define PYMETA_INLINE inline __attribute__((always_inline))
+#else
+#define PYMETA_INLINE inline
+#endif
+
+constexpr int kLanes = 8;
+
+template <typename T>
+PYMETA_INLINE double plane_sum(const T* p, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += p[i + k];
+  }
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+template <typename T>
+PYMETA_INLINE double plane_squared_deviation(const T* p, int64_t n, T mean) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += (p[i + k] - mean) * (p[i + k] - mean);
+  }
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  for (; i < n; ++i) s += double(p[i] - mean) * double(p[i] - mean);
+  return s;
+}
+
+struct Shape {
+  int64_t B, C, H, W, OH, OW;
+  int64_t plane() const { return H * W; }
+  int64_t out_plane() const { return OH * OW; }
+};
+
+// (mean, invstd) of channel c: its batch statistics (biased variance, as BatchNorm
+// normalises with), or the running ones.
+template <typename T>
+PYMETA_INLINE std::pair<double, double> channel_statistics(const T* x, const Shape& s, int64_t c, const T* running_mean,
+                                             const T* running_var, double eps) {
+  if (running_mean != nullptr) {
+    return {double(running_mean[c]), 1.0 / std::sqrt(double(running_var[c]) + eps)};
+  }
+  const double count = double(s.B * s.plane());
+  double sum = 0;
+  for (int64_t b = 0; b < s.B; ++b) sum += plane_sum(x + (b * s.C + c) * s.plane(), s.plane());
+  const double mean = sum / count;
+  double sq = 0;
+  for (int64_t b = 0; b < s.B; ++b) sq += plane_squared_deviation(x + (b * s.C + c) * s.plane(), s.plane(), T(mean));
+  return {mean, 1.0 / std::sqrt(sq / count + eps)};
+}
+
+// ATen's pooling rule, on x: a value takes over the window if it is greater (UP > 0),
+// smaller (UP < 0) or NaN; with UP == 0 (scale 0: all of y is equal) the first stays.
+template <int UP, typename T>
+PYMETA_INLINE bool takes(T v, T best) {
+  if constexpr (UP > 0) {
+    return (v > best) | (v != v);  // bitwise: no branch, so loops vectorise
+  } else if constexpr (UP < 0) {
+    return (v < best) | (v != v);
+  } else {
+    return false;
+  }
+}
+
+// One plane's windows, row pair by row pair; branch-free so that each loop vectorises.
+template <int UP, typename T>
+PYMETA_INLINE void forward_plane(const T* x, T* out, const Shape& s, T sc, T sh) {
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const T* r0 = x + 2 * oh * s.W;
+    const T* r1 = r0 + s.W;
+    T* o = out + oh * s.OW;
+#pragma omp simd
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      T best = r0[2 * ow];
+      T v = r0[2 * ow + 1];
+      best = takes<UP>(v, best) ? v : best;
+      v = r1[2 * ow];
+      best = takes<UP>(v, best) ? v : best;
+      v = r1[2 * ow + 1];
+      best = takes<UP>(v, best) ? v : best;
+      const T y = best * sc + sh;
+      o[ow] = ((y > 0) | (y != y)) ? y : T(0);
+    }
+  }
+}
+
+// (sum gz, sum gz * (x[choice] - mean)) over one plane's windows.
+template <int UP, typename T>
+PYMETA_INLINE std::pair<T, T> backward_sums_plane(const T* grad, const T* x, const T* out, const Shape& s, T mean) {
+  T r1 = 0, r2 = 0;
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const T* r0 = x + 2 * oh * s.W;
+    const T* rr = r0 + s.W;
+    const T* g = grad + oh * s.OW;
+    const T* o = out + oh * s.OW;
+#pragma omp simd reduction(+ : r1, r2)
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      T best = r0[2 * ow];
+      T v = r0[2 * ow + 1];
+      best = takes<UP>(v, best) ? v : best;
+      v = rr[2 * ow];
+      best = takes<UP>(v, best) ? v : best;
+      v = rr[2 * ow + 1];
+      best = takes<UP>(v, best) ? v : best;
+      const T gz = o[ow] > 0 ? g[ow] : T(0);
+      r1 += gz;
+      r2 += gz * (best - mean);
+    }
+  }
+  return {r1, r2};
+}
+
+// grad x of one plane: a * x + c0 everywhere, plus sc * gz at each window's choice.
+// Windows do not overlap: each of their elements is written once, then the odd last
+// column and row (in no window) get a * x + c0.
+template <int UP, typename T>
+PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict x, const T* __restrict out,
+                           T* __restrict gx, const Shape& s, T a, T c0, T sc) {
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const T* r0 = x + 2 * oh * s.W;
+    const T* rr = r0 + s.W;
+    T* q0 = gx + 2 * oh * s.W;
+    T* q1 = q0 + s.W;
+    const T* g = grad + oh * s.OW;
+    const T* o = out + oh * s.OW;
+#pragma omp simd
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const T x0 = r0[2 * ow], x1 = r0[2 * ow + 1], x2 = rr[2 * ow], x3 = rr[2 * ow + 1];
+      T best = x0;
+      best = takes<UP>(x1, best) ? x1 : best;
+      best = takes<UP>(x2, best) ? x2 : best;
+      best = takes<UP>(x3, best) ? x3 : best;
+      // The choice is the first element equal to the maximum (ATen's first-maximum rule).
+      // A NaN makes out NaN, whose ReLU mask is 0: no gradient to route then.
+      const bool e0 = (UP == 0) | (x0 == best);
+      const bool e1 = !e0 & (x1 == best);
+      const bool e01 = e0 | e1;
+      const bool e2 = !e01 & (x2 == best);
+      const bool e3 = !(e01 | e2);
+      const T scaled = sc * g[ow];
+      const T add = o[ow] > 0 ? scaled : T(0);
+      q0[2 * ow] = a * x0 + c0 + (e0 ? add : T(0));
+      q0[2 * ow + 1] = a * x1 + c0 + (e1 ? add : T(0));
+      q1[2 * ow] = a * x2 + c0 + (e2 ? add : T(0));
+      q1[2 * ow + 1] = a * x3 + c0 + (e3 ? add : T(0));
+    }
+    if (s.W % 2) {
+      q0[s.W - 1] = a * r0[s.W - 1] + c0;
+      q1[s.W - 1] = a * rr[s.W - 1] + c0;
+    }
+  }
+  if (s.H % 2) {
+    for (int64_t j = (s.H - 1) * s.W; j < s.plane(); ++j) gx[j] = a * x[j] + c0;
+  }
+}
+
+template <int UP, typename T>
+PYMETA_INLINE void forward_channel_dir(const T* x, T* out, const Shape& s, int64_t c, T sc, T sh) {
+  for (int64_t b = 0; b < s.B; ++b) {
+    forward_plane<UP>(x + (b * s.C + c) * s.plane(), out + (b * s.C + c) * s.out_plane(), s, sc, sh);
+  }
+}
+
+template <typename T>
+PYMETA_INLINE void forward_channel(const T* x, T* out, const Shape& s, int64_t c, const T* weight, const T* bias,
+                                   const T* running_mean, const T* running_var, double eps) {
+  const auto [mean, invstd] = channel_statistics(x, s, c, running_mean, running_var, eps);
+  const double scale = double(weight[c]) * invstd;
+  const T sc = T(scale), sh = T(double(bias[c]) - mean * scale);
+  if (scale > 0) {
+    forward_channel_dir<1>(x, out, s, c, sc, sh);
+  } else if (scale < 0) {
+    forward_channel_dir<-1>(x, out, s, c, sc, sh);
+  } else {
+    forward_channel_dir<0>(x, out, s, c, sc, sh);
+  }
+}
+
+template <int UP, typename T>
+PYMETA_INLINE void backward_channel_dir(const T* grad, const T* x, const T* out, T* gx, double* gw, double* gb,
+                                        const Shape& s, int64_t c, double mean, double invstd, double scale,
+                                        bool train) {
+  double s1 = 0, s2 = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t o = (b * s.C + c) * s.out_plane();
+    const auto [r1, r2] = backward_sums_plane<UP>(grad + o, x + (b * s.C + c) * s.plane(), out + o, s, T(mean));
+    s1 += r1;
+    s2 += double(r2) * invstd;
+  }
+  *gb = s1;
+  *gw = s2;
+  const double count = double(s.B * s.plane());
+  const T a = train ? T(-scale * s2 * invstd / count) : T(0);
+  const T c0 = train ? T(-scale * s1 / count + scale * s2 * invstd * mean / count) : T(0);
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t o = (b * s.C + c) * s.out_plane(), i = (b * s.C + c) * s.plane();
+    backward_plane<UP>(grad + o, x + i, out + o, gx + i, s, a, c0, T(scale));
+  }
+}
+
+template <typename T>
+PYMETA_INLINE void backward_channel(const T* grad, const T* x, const T* out, T* gx, double* gw, double* gb,
+                                    const Shape& s, int64_t c, const T* weight, const T* running_mean,
+                                    const T* running_var, double eps) {
+  const auto [mean, invstd] = channel_statistics(x, s, c, running_mean, running_var, eps);
+  const double scale = double(weight[c]) * invstd;
+  const bool train = running_mean == nullptr;
+  if (scale > 0) {
+    backward_channel_dir<1>(grad, x, out, gx, gw, gb, s, c, mean, invstd, scale, train);
+  } else if (scale < 0) {
+    backward_channel_dir<-1>(grad, x, out, gx, gw, gb, s, c, mean, invstd, scale, train);
+  } else {
+    backward_channel_dir<0>(grad, x, out, gx, gw, gb, s, c, mean, invstd, scale, train);
+  }
+}
+
+// Multiversioned entry points (target_clones wants plain functions, not templates).
+PYMETA_MULTIVERSION void forward_channel_float(const float* x, float* out, const Shape& s, int64_t c, const float* w,
+                                               const float* b, const float* rm, const float* rv, double eps) {
+  forward_channel(x, out, s, c, w, b, rm, rv, eps);
+}
+PYMETA_MULTIVERSION void forward_channel_double(const double* x, double* out, const Shape& s, int64_t c,
+                                                const double* w, const double* b, const double* rm, const double* rv,
+                                                double eps) {
+  forward_channel(x, out, s, c, w, b, rm, rv, eps);
+}
+inline void forward_channel_any(const float* x, float* out, const Shape& s, int64_t c, const float* w, const float* b,
+                                const float* rm, const float* rv, double eps) {
+  forward_channel_float(x, out, s, c, w, b, rm, rv, eps);
+}
+inline void forward_channel_any(const double* x, double* out, const Shape& s, int64_t c, const double* w,
+                                const double* b, const double* rm, const double* rv, double eps) {
+  forward_channel_double(x, out, s, c, w, b, rm, rv, eps);
+}
+
+PYMETA_MULTIVERSION void backward_channel_float(const float* grad, const float* x, const float* out, float* gx,
+                                                double* gw, double* gb, const Shape& s, int64_t c, const float* w,
+                                                const float* rm, const float* rv, double eps) {
+  backward_channel(grad, x, out, gx, gw, gb, s, c, w, rm, rv, eps);
+}
+PYMETA_MULTIVERSION void backward_channel_double(const double* grad, const double* x, const double* out, double* gx,
+                                                 double* gw, double* gb, const Shape& s, int64_t c, const double* w,
+                                                 const double* rm, const double* rv, double eps) {
+  backward_channel(grad, x, out, gx, gw, gb, s, c, w, rm, rv, eps);
+}
+inline void backward_channel_any(const float* grad, const float* x, const float* out, float* gx, double* gw,
+                                 double* gb, const Shape& s, int64_t c, const float* w, const float* rm,
+                                 const float* rv, double eps) {
+  backward_channel_float(grad, x, out, gx, gw, gb, s, c, w, rm, rv, eps);
+}
+inline void backward_channel_any(const double* grad, const double* x, const double* out, double* gx, double* gw,
+                                 double* gb, const Shape& s, int64_t c, const double* w, const double* rm,
+                                 const double* rv, double eps) {
+  backward_channel_double(grad, x, out, gx, gw, gb, s, c, w, rm, rv, eps);
+}
+
+Shape check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                   const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(2) >= 2 && x.size(3) >= 2,
+                    "x must be [B, C, H, W] with H, W >= 2, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "the cpp backend runs on CPU tensors, got ", x.device());
+  const int64_t C = x.size(1);
+  for (const at::Tensor* p : {&weight, &bias}) {
+    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x.scalar_type(),
+                      "weight and bias must be [C] = [", C, "] of x's dtype, got shape ", p->sizes());
+  }
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must be given together or both be None");
+  if (running_mean.has_value()) {
+    for (const at::Tensor* p : {&*running_mean, &*running_var}) {
+      TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x.scalar_type(),
+                        "running statistics must be [C] = [", C, "] of x's dtype, got shape ", p->sizes());
+    }
+  }
+  return {x.size(0), C, x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
+}
+
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor batch_norm_relu_pool_cpu(const at::Tensor& input, const at::Tensor& weight_in, const at::Tensor& bias_in,
+                                    const std::optional<at::Tensor>& rm_in, const std::optional<at::Tensor>& rv_in,
+                                    double eps) {
+  const Shape s = check_inputs(input, weight_in, bias_in, rm_in, rv_in);
+  const at::Tensor x = input.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const std::optional<at::Tensor> rm = rm_in ? std::optional(rm_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> rv = rv_in ? std::optional(rv_in->contiguous()) : std::nullopt;
+  at::Tensor out = at::empty({s.B, s.C, s.OH, s.OW}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_batch_norm_relu_pool", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t *w = weight.const_data_ptr<scalar_t>(), *b = bias.const_data_ptr<scalar_t>();
+    const scalar_t *m = optional_data<scalar_t>(rm), *v = optional_data<scalar_t>(rv);
+    at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) forward_channel_any(xp, op, s, c, w, b, m, v, eps);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_pool_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& input, const at::Tensor& out_in, const at::Tensor& weight_in,
+    const at::Tensor& bias_in, const std::optional<at::Tensor>& rm_in, const std::optional<at::Tensor>& rv_in,
+    double eps) {
+  const Shape s = check_inputs(input, weight_in, bias_in, rm_in, rv_in);
+  for (const at::Tensor* t : {&grad_in, &out_in}) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({s.B, s.C, s.OH, s.OW}) && t->scalar_type() == input.scalar_type(),
+                      "grad and out must be [B, C, H/2, W/2] = [", s.B, ", ", s.C, ", ", s.OH, ", ", s.OW,
+                      "] of x's dtype, got shape ", t->sizes());
+  }
+  const at::Tensor x = input.contiguous(), grad = grad_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const std::optional<at::Tensor> rm = rm_in ? std::optional(rm_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> rv = rv_in ? std::optional(rv_in->contiguous()) : std::nullopt;
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw_sum = at::empty({s.C}, x.options().dtype(at::kDouble));
+  at::Tensor gb_sum = at::empty({s.C}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_batch_norm_relu_pool_backward", [&] {
+    const scalar_t *g = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+    const scalar_t *o = out.const_data_ptr<scalar_t>(), *w = weight.const_data_ptr<scalar_t>();
+    const scalar_t *m = optional_data<scalar_t>(rm), *v = optional_data<scalar_t>(rv);
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    double *gw = gw_sum.mutable_data_ptr<double>(), *gb = gb_sum.mutable_data_ptr<double>();
+    at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) backward_channel_any(g, xp, o, gxp, gw + c, gb + c, s, c, w, m, v, eps);
+    });
+  });
+  return {gx, gw_sum.to(input.scalar_type()), gb_sum.to(input.scalar_type())};
+}
+
+}  // namespace
+}  // namespace pymeta
+
+TORCH_LIBRARY_FRAGMENT(pymeta_cpu, m) {
+  m.def(
+      "batch_norm_relu_pool(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
+      "float eps) -> Tensor");
+  m.def(
+      "batch_norm_relu_pool_backward(Tensor grad, Tensor x, Tensor out, Tensor weight, Tensor bias, "
+      "Tensor? running_mean, Tensor? running_var, float eps) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pymeta_cpu, CPU, m) {
+  m.impl("batch_norm_relu_pool", &pymeta::batch_norm_relu_pool_cpu);
+  m.impl("batch_norm_relu_pool_backward", &pymeta::batch_norm_relu_pool_backward_cpu);
+}

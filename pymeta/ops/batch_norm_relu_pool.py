@@ -1,0 +1,188 @@
+"""A conv block's tail in one pass: BatchNorm, ReLU and 2x2 max-pooling.
+
+Every block of the conv4 backbone of few-shot learning (Vinyals et al. 2016; Finn et
+al. 2017; Snell et al. 2017) is ``conv -> BatchNorm2d -> ReLU -> MaxPool2d(2)``. On the
+CPU the three ATen kernels after the convolution are memory-bound passes over the
+full-resolution activation (``[75, 64, 28, 28]`` in a 5-way 1-shot MAML step with 15
+queries per class): BatchNorm's statistics and normalisation write a normalised copy,
+pooling reads it and writes values and int64 indices, and the backward zero-fills a
+full-resolution gradient before scattering into it and running BatchNorm's backward
+over it. In a conv4 second-order MAML step those passes took more time than the
+convolutions of the first block. This op computes::
+
+    batch_norm_relu_pool(x [B, C, H, W], weight [C], bias [C], running_mean, running_var, eps)
+        = relu(max_pool2d(batch_norm(x, ...), 2)) -> [B, C, H // 2, W // 2]
+
+BatchNorm with the batch's statistics (train mode; ``running_mean`` / ``running_var``
+None) or the given running statistics (eval mode; not updated either way: an episode
+never writes them, :mod:`pymeta.core.norms`). ReLU commutes with max-pooling (both are
+monotonic), so the order of the two does not matter.
+
+The C++ kernel (``csrc/batch_norm_relu_pool.cpp``) works one channel at a time, so
+each pass over a channel's values finds them in the cache, and it never materialises
+the normalised activation, the pooling indices or a zero-filled gradient: forward and
+backward each read the input about once from memory. Its backward saves only the input
+and the output (which the next convolution keeps anyway). The op is the custom op
+``pymeta::batch_norm_relu_pool`` with the fused backward op
+``pymeta::batch_norm_relu_pool_backward``, both made by
+:class:`pymeta.ops._factory.FusedOp`; the references below are the implementation
+elsewhere (GPU: cuDNN's BatchNorm and ATen's pooling) and the backward of a
+``create_graph=True`` pass (second-order MAML differentiates through it).
+
+Where results differ from the three ATen ops: values are the same up to rounding (the
+kernel normalises as ``x * scale + shift``); the window's maximum is chosen on ``x``
+(BatchNorm is monotonic per channel), so when two inputs of a window round to the same
+normalised value the gradient may go to the other one of the two than ATen's pooling
+picks (both are valid subgradients; distinct normalised values never differ).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pymeta import _validate
+from pymeta.ops._factory import FusedOp
+
+_DIMS = (0, 2, 3)  # the statistics' dims: examples and positions
+
+
+def _channel(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[C]`` -> ``[1, C, 1, 1]`` in ``dtype``."""
+    return p.to(dtype).view(1, -1, 1, 1)
+
+
+def reference_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None, running_var: Tensor | None, eps: float
+) -> Tensor:
+    """``relu(max_pool2d(batch_norm(x), 2))`` with ATen's kernels: ``[B, C, H // 2, W // 2]``."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, running_mean is None, 0.0, eps)
+    return torch.relu(F.max_pool2d(y, 2))
+
+
+def reference_backward(
+    grad: Tensor,
+    x: Tensor,
+    out: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(x [B, C, H, W], weight [C], bias [C])`` from ``grad: [B, C, H // 2, W // 2]``.
+
+    Built from differentiable torch ops, so it also serves as the backward of a
+    ``create_graph=True`` pass. The ReLU mask (``out > 0``) and the pooling window's
+    choice are piecewise constant: they need no derivative.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    if running_mean is None:
+        var, mean = torch.var_mean(xa, dim=_DIMS, correction=0, keepdim=True)
+    else:
+        mean, var = _channel(running_mean, acc), _channel(running_var, acc)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (xa - mean) * invstd
+    w = _channel(weight, acc)
+    y = xhat * w + _channel(bias, acc)
+    _, where = F.max_pool2d(y.detach(), 2, return_indices=True)  # flat positions in each [H, W] plane
+    gz = torch.where(out > 0, grad.to(acc), 0)
+    gy = torch.zeros_like(y).flatten(2).scatter(2, where.flatten(2), gz.flatten(2)).view_as(y)
+    g_bias = gy.sum(_DIMS)
+    g_weight = (gy * xhat).sum(_DIMS)
+    gxhat = gy * w
+    if running_mean is None:  # the batch statistics depend on every input of the channel
+        gxhat = gxhat - gxhat.mean(_DIMS, keepdim=True) - xhat * (gxhat * xhat).mean(_DIMS, keepdim=True)
+    return (gxhat * invstd).to(x.dtype), g_weight.to(weight.dtype), g_bias.to(bias.dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors, output)
+
+
+def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, bias, running_mean, running_var, out = ctx.saved_tensors
+    grads = _OP.backward(grad, x, out, weight, bias, running_mean, running_var, ctx.eps)
+    return (*grads, None, None, None)  # running statistics are buffers: no gradient
+
+
+def _fake(x: Tensor, *_: Any) -> Tensor:
+    return x.new_empty(*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
+
+
+def _backward_fake(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor, bias: Tensor,
+                   *_: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _not_supported(backend: str, x: Tensor, *_: Any) -> str | None:
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"the C++ kernel takes float32 and float64, got {x.dtype}"
+    return None
+
+
+_OP = FusedOp(
+    "batch_norm_relu_pool", reference_forward, fake=_fake,
+    backward=reference_backward, backward_fake=_backward_fake,
+    setup_context=_setup_context, vjp=_vjp,
+    not_supported=_not_supported, backward_not_supported=_not_supported,
+    kernels=("cpp",),
+)
+
+
+def _channel_param(name: str, value: Tensor | None, x: Tensor, default: float) -> Tensor:
+    """A per-channel tensor ``[C]`` (None: ``default``), checked against ``x``."""
+    C = x.shape[1]
+    if value is None:
+        return x.new_full((C,), default)
+    _validate.tensor(name, value)
+    _validate.same_dtype(("x", name), x, value)
+    _validate.same_device({"x": x, name: value})
+    if value.shape != (C,):
+        raise ValueError(f"{name} must be [C] = [{C}] (x's channels), got shape {tuple(value.shape)}")
+    return value
+
+
+def batch_norm_relu_pool(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``relu(max_pool2d(batch_norm(x), 2))`` in one pass (see the module docstring).
+
+    Args:
+        x: ``[B, C, H, W]``, ``H, W >= 2`` (an odd last row or column is normalised and
+            counted in the statistics, and pooled away, as by the three ops).
+        weight, bias: BatchNorm's affine parameters ``[C]``; None: 1 and 0 (``affine=False``).
+        running_mean, running_var: ``[C]``: normalise with them (eval mode; buffers, not
+            differentiated, not updated); None (both): with the statistics of ``x`` over
+            its examples and positions (train mode; biased variance, as BatchNorm).
+        eps: added to the variance, as BatchNorm's ``eps``.
+
+    Returns:
+        ``[B, C, H // 2, W // 2]`` in ``x``'s dtype, differentiable w.r.t. ``x``,
+        ``weight`` and ``bias`` to any order.
+    """
+    _validate.floating("x", x)
+    _validate.ndim("x", x, 4, "[B, C, H, W]")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"x [B, C, H, W] needs H, W >= 2 for 2x2 pooling, got shape {tuple(x.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (eval mode) or both be None")
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.requires_grad:
+            raise ValueError(f"{name} must not require grad: running statistics are buffers, not differentiated")
+    _validate.positive_float("eps", eps)
+    weight, bias = _channel_param("weight", weight, x, 1.0), _channel_param("bias", bias, x, 0.0)
+    if running_mean is not None:
+        running_mean = _channel_param("running_mean", running_mean, x, 0.0)
+        running_var = _channel_param("running_var", running_var, x, 1.0)
+    return _OP(x, weight, bias, running_mean, running_var, float(eps))

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from measure import RESULTS, print_table, write_csv
@@ -79,25 +80,26 @@ def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
     return rows
 
 
-def meta_step_ab(steps: int) -> dict[str, object]:
-    """Conv4 2nd-order meta-step with and without the C++ forward, alternating."""
-    meta = build_step(WORKLOADS["conv4-maml-2nd"], "pymeta[lowered]")
-    default_width = max_pool2d_module.CPP_MIN_WIDTH
+def meta_step_ab(steps: int, module: Any, attribute: str, workload: str = "conv4-maml-2nd") -> dict[str, float]:
+    """Median meta-step seconds of ``workload`` (pymeta, lowered) with a fast path on
+    (``module.attribute``, a minimum plane width, as it is) and off (raised out of
+    reach), alternating in one process, and the median per-round ratio off / on."""
+    meta = build_step(WORKLOADS[workload], "pymeta[lowered]")
+    default_width = getattr(module, attribute)
     for _ in range(2):
         meta.step()
-    times: dict[str, list[float]] = {"cpp": [], "cl": []}
+    times: dict[str, list[float]] = {"on": [], "off": []}
     try:
         for _ in range(steps):
-            for name, width in (("cpp", default_width), ("cl", 10**9)):
-                max_pool2d_module.CPP_MIN_WIDTH = width
+            for name, width in (("on", default_width), ("off", 10**9)):
+                setattr(module, attribute, width)
                 start = time.perf_counter()
                 meta.step()
                 times[name].append(time.perf_counter() - start)
     finally:
-        max_pool2d_module.CPP_MIN_WIDTH = default_width
-    ratio = statistics.median(c / p for c, p in zip(times["cl"], times["cpp"], strict=True))
-    return {"step_cpp_s": statistics.median(times["cpp"]), "step_cl_s": statistics.median(times["cl"]),
-            "cl_over_cpp": ratio}  # fmt: skip
+        setattr(module, attribute, default_width)
+    ratio = statistics.median(off / on for off, on in zip(times["off"], times["on"], strict=True))
+    return {"on_s": statistics.median(times["on"]), "off_s": statistics.median(times["off"]), "off_over_on": ratio}
 
 
 def main() -> None:
@@ -125,10 +127,10 @@ def main() -> None:
                        ("pymeta_cpp_ms", "pymeta C++ ms", "13.3f"), ("cl_over_cpp", "CL/C++", "7.2f"),
                        ("used", "used", "4s")])  # fmt: skip
     if args.steps:
-        ab = meta_step_ab(args.steps)
+        ab = meta_step_ab(args.steps, max_pool2d_module, "CPP_MIN_WIDTH")
         print(f"\nconv4 2nd-order MAML meta-step (32 tasks, lowered, task_chunk=1), {args.steps} alternating rounds: "
-              f"C++ forward {ab['step_cpp_s']:.3f} s, channels-last round trip {ab['step_cl_s']:.3f} s, "
-              f"ratio {ab['cl_over_cpp']:.3f}x")  # fmt: skip
+              f"C++ forward {ab['on_s']:.3f} s, channels-last round trip {ab['off_s']:.3f} s, "
+              f"ratio {ab['off_over_on']:.3f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -202,6 +202,27 @@ def _relation_pairs_case(mode: str) -> OpCase:
     )
 
 
+def _batch_norm_relu_pool_case(mode: str) -> OpCase:
+    """Train mode (batch statistics) or eval mode (running statistics, not differentiated);
+    an odd height and width (a row and a column pooled away); weights of both signs, so the
+    kernel's window choice runs on maxima and minima of x."""
+    C = 3
+    running = (None, None) if mode == "train" else (torch.randn(C, dtype=torch.float64),
+                                                     torch.rand(C, dtype=torch.float64) + 0.5)
+
+    def inputs() -> tuple[Tensor, ...]:
+        return (torch.rand(2, C, 5, 7, dtype=torch.float64), torch.tensor([1.5, -0.8, 0.6], dtype=torch.float64),
+                torch.randn(C, dtype=torch.float64))
+
+    def three_ops(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return F.relu(F.max_pool2d(F.batch_norm(x, *running, w, b, training=mode == "train"), 2))
+
+    return OpCase(
+        f"batch_norm_relu_pool-{mode}", inputs, lambda x, w, b: ops.batch_norm_relu_pool(x, w, b, *running),
+        three_ops, backends=("reference", "cpp"),
+    )
+
+
 def _memory_access_case() -> OpCase:
     """One MANN step, T=2 tasks, R=5 rows of width 3, H=2 heads; usages distinct and well
     apart, so finite differences never change which rows are least used."""
@@ -226,4 +247,5 @@ CASES = [
     *(_inner_sgd_case(form) for form in ("float", "scalar", "task", "mixed")), _inner_sgd_expanded_case(),
     _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(),
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
+    *(_batch_norm_relu_pool_case(mode) for mode in ("train", "eval")),
 ]

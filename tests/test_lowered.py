@@ -32,6 +32,16 @@ MODELS = {
         ),
         (4, 9, 9),
     ),
+    # conv4 blocks wide enough for the fused BatchNorm + max-pool + ReLU kernel, in both
+    # orders of the last two, odd heights and widths (a row / column pooled away).
+    "conv_blocks_fused": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(2 * 4 * 8, 2),
+        ),
+        (1, 17, 34),
+    ),
 }
 
 
@@ -64,7 +74,8 @@ def test_lowered_equals_per_task_loop_values_and_gradients(name, freeze_first_la
         second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs, allow_unused=True)
         grads[s] = [*first, *(torch.zeros(()) if g is None else g for g in second)]
     for lowered, loop in zip(grads["lowered"], grads["loop"], strict=True):
-        torch.testing.assert_close(lowered, loop, rtol=1e-10, atol=1e-12)
+        # atol: second derivatives of order 1 summed in another order differ by ~1e-12.
+        torch.testing.assert_close(lowered, loop, rtol=1e-10, atol=1e-10)
 
 
 def test_auto_candidates_and_forced_lowered_on_a_model_it_cannot_lower():
@@ -111,3 +122,32 @@ def test_relu_then_max_pool_reordered_exactly_even_with_ties():
         derivatives[s] = (gx, *torch.autograd.grad((gx * probe).sum(), [x, *weights.values()], allow_unused=True))
     for a, b in zip(derivatives["lowered"], derivatives["loop"], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.skipif(pymeta.ops.backends()["cpp"] != "available", reason="the C++ extension is not available here")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_conv_blocks_run_the_fused_kernel_and_equal_the_loop(mode):
+    build, shape = MODELS["conv_blocks_fused"]
+    torch.manual_seed(1)
+    model = build().double()
+    if mode == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model.eval()
+    weights = {n: w.requires_grad_() for n, w in fast_weights(model, set()).items()}
+    x = torch.randn(T, B, *shape, dtype=torch.float64, requires_grad=True)
+    batched = TaskBatched(model)
+    pymeta.ops.reset_usage()
+    lowered = batched.forward(weights, x, "lowered")
+    used = {(op, backend) for op, backend, _, _ in pymeta.ops.usage()}
+    assert ("batch_norm_relu_pool", "cpp") in used, used
+    loop = batched.forward(weights, x, "loop")
+    torch.testing.assert_close(lowered, loop, rtol=1e-12, atol=1e-12)
+    inputs = [x, *weights.values()]
+    pymeta.ops.reset_usage()
+    fused_grads = torch.autograd.grad(lowered.square().sum(), inputs)  # the C++ backward
+    assert ("batch_norm_relu_pool_backward", "cpp") in {(op, b) for op, b, _, _ in pymeta.ops.usage()}
+    for fused, reference in zip(fused_grads, torch.autograd.grad(loop.square().sum(), inputs), strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,90 @@
+"""BatchNorm + ReLU + 2x2 max-pool on CPU: pymeta's fused kernel against ATen's three.
+
+Part 1, forward + backward of ``relu(max_pool2d(batch_norm(x), 2))`` in train mode on
+conv4 activation shapes: ATen's three kernels (with pymeta's max-pool forward, what the
+``lowered`` strategy ran before) against ``pymeta.ops.batch_norm_relu_pool``'s C++
+kernel. Medians of ``--repeats`` interleaved rounds of ``--calls`` calls each.
+
+Part 2, an A/B of whole meta-steps of ``bench_meta.py``'s conv4 workloads (pymeta,
+``lowered``, ``task_chunk=1``) with the fused layer on and off
+(``pymeta.core.lowered.FUSED_MIN_WIDTH`` raised out of reach), alternating in one
+process: the median of the per-round time ratios.
+
+    python benchmarks/bench_batch_norm_relu_pool.py [--threads 1] [--repeats 7] [--calls 10] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_max_pool2d import interleaved_medians, meta_step_ab
+from measure import RESULTS, print_table, write_csv
+
+import pymeta.core.lowered as lowered_module
+from pymeta import ops
+from pymeta.ops._backends import unavailable_reason
+
+SHAPES = [(75, 64, 28, 28), (5, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7)]  # conv4 query / support maps
+
+
+def three_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.relu(ops.max_pool2d(F.batch_norm(x, None, None, weight, bias, True), 2))
+
+
+def forward_backward(
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad)
+
+
+def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
+    rows = []
+    for shape in SHAPES:
+        x = torch.randn(shape, requires_grad=True)
+        weight, bias = torch.randn(shape[1], requires_grad=True), torch.randn(shape[1], requires_grad=True)
+        grad = torch.randn(*shape[:2], shape[2] // 2, shape[3] // 2)
+
+        fns = {name: partial(forward_backward, fn, weight=weight, bias=bias, grad=grad)
+               for name, fn in (("aten", three_kernels), ("fused", ops.batch_norm_relu_pool))}  # fmt: skip
+        med = interleaved_medians(fns, x, repeats, calls)
+        rows.append({"shape": str(list(shape)), "aten_ms": 1e3 * med["aten"], "fused_ms": 1e3 * med["fused"],
+                     "aten_over_fused": med["aten"] / med["fused"],
+                     "used": "fused" if shape[-1] >= lowered_module.FUSED_MIN_WIDTH else "aten"})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (part 1)")
+    p.add_argument("--calls", type=int, default=10, help="calls per round and variant (part 1)")
+    p.add_argument("--steps", type=int, default=4, help="meta-steps per variant and workload (part 2; 0 skips it)")
+    p.add_argument("--device", default="cpu", help="cpu; on any other device there is nothing to measure")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
+    args = p.parse_args()
+    if torch.device(args.device).type != "cpu":
+        print(f"bench_batch_norm_relu_pool: the fused kernel is for CPU tensors; nothing to measure on {args.device}")
+        return
+    reason = unavailable_reason("cpp", torch.device("cpu"))
+    if reason is not None:
+        raise SystemExit(f"error: the C++ extension is not available: {reason}")
+    torch.set_num_threads(args.threads)
+    rows = kernel_rows(args.repeats, args.calls)
+    write_csv(args.out_dir / f"batch_norm_relu_pool_{args.threads}threads.csv", rows)
+    print(f"\nbatch_norm (train) + max_pool2d(2) + relu, forward + backward, {args.threads} thread(s), median of "
+          f"{args.repeats} rounds; 'used' = what the lowered strategy runs for that shape")  # fmt: skip
+    print_table(rows, [("shape", "shape", "18s"), ("aten_ms", "ATen ms", "9.2f"), ("fused_ms", "fused ms", "9.2f"),
+                       ("aten_over_fused", "ATen/fused", "10.2f"), ("used", "used", "5s")])  # fmt: skip
+    for workload in ("conv4-maml-2nd", "conv4-protonet") if args.steps else ():
+        ab = meta_step_ab(args.steps, lowered_module, "FUSED_MIN_WIDTH", workload)
+        print(f"{workload} meta-step (lowered, task_chunk=1), {args.steps} alternating rounds: fused "
+              f"{ab['on_s']:.3f} s, three kernels {ab['off_s']:.3f} s, ratio {ab['off_over_on']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,19 +15,16 @@ process: the median of the per-round time ratios.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_max_pool2d import interleaved_medians, meta_step_ab
-from measure import RESULTS, print_table, write_csv
+from bench_max_pool2d import cpu_kernel_args, interleaved_medians, meta_step_ab
+from measure import print_table, write_csv
 
 import pymeta.core.lowered as lowered_module
 from pymeta import ops
-from pymeta.ops._backends import unavailable_reason
 
 SHAPES = [(75, 64, 28, 28), (5, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7)]  # conv4 query / support maps
 
@@ -59,21 +56,9 @@ def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (part 1)")
-    p.add_argument("--calls", type=int, default=10, help="calls per round and variant (part 1)")
-    p.add_argument("--steps", type=int, default=4, help="meta-steps per variant and workload (part 2; 0 skips it)")
-    p.add_argument("--device", default="cpu", help="cpu; on any other device there is nothing to measure")
-    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
-    args = p.parse_args()
-    if torch.device(args.device).type != "cpu":
-        print(f"bench_batch_norm_relu_pool: the fused kernel is for CPU tensors; nothing to measure on {args.device}")
+    args = cpu_kernel_args(__doc__, "bench_batch_norm_relu_pool", calls=10, steps=4)
+    if args is None:
         return
-    reason = unavailable_reason("cpp", torch.device("cpu"))
-    if reason is not None:
-        raise SystemExit(f"error: the C++ extension is not available: {reason}")
-    torch.set_num_threads(args.threads)
     rows = kernel_rows(args.repeats, args.calls)
     write_csv(args.out_dir / f"batch_norm_relu_pool_{args.threads}threads.csv", rows)
     print(f"\nbatch_norm (train) + max_pool2d(2) + relu, forward + backward, {args.threads} thread(s), median of "

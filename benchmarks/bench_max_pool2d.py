@@ -20,6 +20,7 @@ cuda`` passes it) the script says so and measures nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from collections.abc import Callable
@@ -31,8 +32,11 @@ from measure import RESULTS, print_table, write_csv
 from runner import build_step
 from workloads import WORKLOADS
 
-import pymeta.ops.max_pool2d as max_pool2d_module
 from pymeta.ops._backends import unavailable_reason
+
+# The module, not the function pymeta.ops re-exports under the same name (which
+# ``import pymeta.ops.max_pool2d as ...`` would bind).
+max_pool2d_module = importlib.import_module("pymeta.ops.max_pool2d")
 
 SHAPES = [(75, 64, 28, 28), (5, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7)]  # conv4 query / support planes
 WINDOW = ([2, 2], [2, 2])
@@ -102,22 +106,32 @@ def meta_step_ab(steps: int, module: Any, attribute: str, workload: str = "conv4
     return {"on_s": statistics.median(times["on"]), "off_s": statistics.median(times["off"]), "off_over_on": ratio}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cpu_kernel_args(doc: str, script: str, calls: int, steps: int) -> argparse.Namespace | None:
+    """The command line of a CPU-kernel benchmark (this one, bench_batch_norm_relu_pool.py),
+    with the thread count set; None (after saying so) on a device with nothing to measure.
+    Exits when the C++ extension is not available."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (part 1)")
-    p.add_argument("--calls", type=int, default=20, help="calls per round and variant (part 1)")
-    p.add_argument("--steps", type=int, default=6, help="meta-steps per variant (part 2; 0 skips it)")
+    p.add_argument("--calls", type=int, default=calls, help="calls per round and variant (part 1)")
+    p.add_argument("--steps", type=int, default=steps, help="meta-steps per variant (part 2; 0 skips it)")
     p.add_argument("--device", default="cpu", help="cpu; on any other device there is nothing to measure")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the CSV goes (default: benchmarks/results)")
     args = p.parse_args()
     if torch.device(args.device).type != "cpu":
-        print(f"bench_max_pool2d: pymeta's max-pool kernel is for CPU tensors; nothing to measure on {args.device}")
-        return
+        print(f"{script}: the kernel is pymeta's CPU path; nothing to measure on {args.device}")
+        return None
     reason = unavailable_reason("cpp", torch.device("cpu"))
     if reason is not None:
         raise SystemExit(f"error: the C++ extension is not available: {reason}")
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = cpu_kernel_args(__doc__, "bench_max_pool2d", calls=20, steps=6)
+    if args is None:
+        return
     rows = kernel_rows(args.repeats, args.calls)
     write_csv(args.out_dir / f"max_pool2d_{args.threads}threads.csv", rows)
     print(f"\nmax_pool2d_with_indices forward, 2x2/2, {args.threads} thread(s), median of {args.repeats} rounds; "

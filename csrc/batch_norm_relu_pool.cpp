@@ -30,6 +30,8 @@
 #include <tuple>
 #include <utility>
 
+#include "multiversion.h"
+
 // The window loops select between values by comparisons (max, ReLU, the chosen
 // element); under GCC's default -ftrapping-math a comparison that could raise an FP
 // exception is not executed speculatively, so none of them vectorised (2.5x slower
@@ -40,22 +42,6 @@
 
 namespace pymeta {
 namespace {
-
-// As in max_pool2d.cpp: an AVX2 clone picked at load time (the JIT build has no -march);
-// the default clone is the portable path, same loops at SSE2 width.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYMETA_MULTIVERSION
-#endif
-
-// Everything a multiversioned entry point calls must be inlined into it, or it is
-// compiled for the default target only.
-#if defined(__GNUC__)
-#define PYMETA_INLINE inline __attribute__((always_inline))
-#else
-#define PYMETA_INLINE inline
-#endif
 
 constexpr int kLanes = 8;
 
@@ -121,6 +107,15 @@ PYMETA_INLINE bool takes(T v, T best) {
   }
 }
 
+// The chosen value of window ow of the row pair (r0, r1), by takes<UP>.
+template <int UP, typename T>
+PYMETA_INLINE T window_best(const T* r0, const T* r1, int64_t ow) {
+  T best = r0[2 * ow];
+  best = takes<UP>(r0[2 * ow + 1], best) ? r0[2 * ow + 1] : best;
+  best = takes<UP>(r1[2 * ow], best) ? r1[2 * ow] : best;
+  return takes<UP>(r1[2 * ow + 1], best) ? r1[2 * ow + 1] : best;
+}
+
 // One plane's windows, row pair by row pair; branch-free so that each loop vectorises.
 template <int UP, typename T>
 PYMETA_INLINE void forward_plane(const T* x, T* out, const Shape& s, T sc, T sh) {
@@ -130,14 +125,7 @@ PYMETA_INLINE void forward_plane(const T* x, T* out, const Shape& s, T sc, T sh)
     T* o = out + oh * s.OW;
 #pragma omp simd
     for (int64_t ow = 0; ow < s.OW; ++ow) {
-      T best = r0[2 * ow];
-      T v = r0[2 * ow + 1];
-      best = takes<UP>(v, best) ? v : best;
-      v = r1[2 * ow];
-      best = takes<UP>(v, best) ? v : best;
-      v = r1[2 * ow + 1];
-      best = takes<UP>(v, best) ? v : best;
-      const T y = best * sc + sh;
+      const T y = window_best<UP>(r0, r1, ow) * sc + sh;
       o[ow] = ((y > 0) | (y != y)) ? y : T(0);
     }
   }
@@ -154,13 +142,7 @@ PYMETA_INLINE std::pair<T, T> backward_sums_plane(const T* grad, const T* x, con
     const T* o = out + oh * s.OW;
 #pragma omp simd reduction(+ : r1, r2)
     for (int64_t ow = 0; ow < s.OW; ++ow) {
-      T best = r0[2 * ow];
-      T v = r0[2 * ow + 1];
-      best = takes<UP>(v, best) ? v : best;
-      v = rr[2 * ow];
-      best = takes<UP>(v, best) ? v : best;
-      v = rr[2 * ow + 1];
-      best = takes<UP>(v, best) ? v : best;
+      const T best = window_best<UP>(r0, rr, ow);
       const T gz = o[ow] > 0 ? g[ow] : T(0);
       r1 += gz;
       r2 += gz * (best - mean);
@@ -185,10 +167,7 @@ PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict 
 #pragma omp simd
     for (int64_t ow = 0; ow < s.OW; ++ow) {
       const T x0 = r0[2 * ow], x1 = r0[2 * ow + 1], x2 = rr[2 * ow], x3 = rr[2 * ow + 1];
-      T best = x0;
-      best = takes<UP>(x1, best) ? x1 : best;
-      best = takes<UP>(x2, best) ? x2 : best;
-      best = takes<UP>(x3, best) ? x3 : best;
+      const T best = window_best<UP>(r0, rr, ow);
       // The choice is the first element equal to the maximum (ATen's first-maximum rule).
       // A NaN makes out NaN, whose ReLU mask is 0: no gradient to route then.
       const bool e0 = (UP == 0) | (x0 == best);
@@ -273,7 +252,7 @@ PYMETA_INLINE void backward_channel(const T* grad, const T* x, const T* out, T* 
   }
 }
 
-// Multiversioned entry points (target_clones wants plain functions, not templates).
+// Multiversioned entry points (multiversion.h).
 PYMETA_MULTIVERSION void forward_channel_float(const float* x, float* out, const Shape& s, int64_t c, const float* w,
                                                const float* b, const float* rm, const float* rv, double eps) {
   forward_channel(x, out, s, c, w, b, rm, rv, eps);

@@ -18,15 +18,10 @@
 #include <cmath>
 #include <tuple>
 
+#include "multiversion.h"
+
 namespace pymeta {
 namespace {
-
-// As in inner_sgd.cpp: an AVX2 clone picked at load time (the JIT build has no -march).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYMETA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYMETA_MULTIVERSION
-#endif
 
 struct Window {
   int64_t kh, kw, sh, sw;

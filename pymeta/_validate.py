@@ -113,6 +113,17 @@ def positive_float(name: str, value: object, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def norm_statistics(running_mean: Tensor | None, running_var: Tensor | None, eps: object) -> float:
+    """A BatchNorm op's running statistics (both or neither; buffers, so never requiring
+    grad) and its ``eps`` (> 0), returned as a float."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (eval mode) or both be None")
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.requires_grad:
+            raise ValueError(f"{name} must not require grad: running statistics are buffers, not differentiated")
+    return positive_float("eps", eps)
+
+
 _CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss", "relation_mse_loss")
 # Losses that compare prediction and target element by element (and would broadcast
 # mismatched shapes into a silently wrong loss).

@@ -175,14 +175,9 @@ def batch_norm_relu_pool(
     _validate.ndim("x", x, 4, "[B, C, H, W]")
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x [B, C, H, W] needs H, W >= 2 for 2x2 pooling, got shape {tuple(x.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (eval mode) or both be None")
-    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is not None and stat.requires_grad:
-            raise ValueError(f"{name} must not require grad: running statistics are buffers, not differentiated")
-    _validate.positive_float("eps", eps)
+    eps = _validate.norm_statistics(running_mean, running_var, eps)
     weight, bias = _channel_param("weight", weight, x, 1.0), _channel_param("bias", bias, x, 0.0)
     if running_mean is not None:
         running_mean = _channel_param("running_mean", running_mean, x, 0.0)
         running_var = _channel_param("running_var", running_var, x, 1.0)
-    return _OP(x, weight, bias, running_mean, running_var, float(eps))
+    return _OP(x, weight, bias, running_mean, running_var, eps)

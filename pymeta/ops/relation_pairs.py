@@ -198,14 +198,9 @@ def relation_pairs(
             "classes [T, N, C, H, W] and queries [T, Q, C, H, W] must agree on C, H and W: "
             f"got classes {tuple(classes.shape)}, queries {tuple(queries.shape)}"
         )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (eval mode) or both be None")
-    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is not None and stat.requires_grad:
-            raise ValueError(f"{name} must not require grad: running statistics are buffers, not differentiated")
-    _validate.positive_float("eps", eps)
+    eps = _validate.norm_statistics(running_mean, running_var, eps)
     weight, bias = _task_param("weight", weight, classes, 1.0), _task_param("bias", bias, classes, 0.0)
     if running_mean is not None:
         running_mean = _task_param("running_mean", running_mean, classes, 0.0)
         running_var = _task_param("running_var", running_var, classes, 1.0)
-    return _OP(classes, queries, weight, bias, running_mean, running_var, float(eps))
+    return _OP(classes, queries, weight, bias, running_mean, running_var, eps)

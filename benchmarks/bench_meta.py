@@ -193,7 +193,7 @@ def run_workload(name: str, args: argparse.Namespace, threads: int) -> tuple[lis
     # The baseline library, or (without it, e.g. outside the peers venv) eager torch.func.
     ok = {e.library: e for e in group if e.ok}
     reference = ok.get(baseline_name(name), ok.get("torch.func"))
-    check_gradients(group, reference, workload.grad_tol)
+    check_gradients(group, reference, workload, args.device)
     lines: list[str] = []
     logit_diffs: dict[str, float] = {}
     if not args.no_checks and (name == "conv4-maml-2nd" or workload.group == "m"):

@@ -12,15 +12,32 @@ from workloads import WORKLOADS, Workload
 F64_TOL = 1e-10
 
 
-def check_gradients(entries: list[Entry], reference: Entry | None, tol: float) -> None:
+# Two float32 meta-gradients of one problem, summed in different orders, land at
+# different distances from the float64 one: on conv4 RelationNet (16 tasks, seeds 0-3)
+# pymeta's lowered and per-task loop strategies' distances differ by factors 0.8-2.5.
+# Within this factor of the reference library's own distance is float32 rounding.
+ROUNDING_FACTOR = 4.0
+
+
+def check_gradients(entries: list[Entry], reference: Entry | None, workload: Workload, device: str = "cpu") -> None:
     """Compare each entry's float32 meta-gradient (from its last warm-up call) with the
-    reference library's, relative to the reference's largest entry; fills ``grad_check``."""
+    reference library's, relative to the reference's largest entry; fills ``grad_check``.
+
+    Two float32 gradients differ by both libraries' rounding, which on conv4 (sums over
+    thousands of images through BatchNorm) exceeds ``workload.grad_tol``. A difference
+    beyond it is measured against the reference library's float64 gradient of the same
+    problem: "float32 rounding" when the entry is at most :data:`ROUNDING_FACTOR` times
+    farther from it than the reference's own float32 gradient, else "DIFFERS".
+    """
     if reference is None or reference.grad is None:
         for e in entries:
             if e.ok:
                 e.grad_check = "no reference"
         return
+    tol = workload.grad_tol
     print(f"  meta-gradients (float32) vs {reference.library}, tolerance {tol:g} relative:")
+    scale = max(reference.grad.abs().max().item(), 1e-300)
+    exact: Tensor | str | None = None  # the reference's float64 gradient (or why there is none)
     for e in entries:
         if not e.ok or e.grad is None:
             continue
@@ -32,10 +49,30 @@ def check_gradients(entries: list[Entry], reference: Entry | None, tol: float) -
             print(f"    {e.library:22s} {e.grad_check}")
             continue
         err = (e.grad - reference.grad).abs().max().item()
-        rel = err / max(reference.grad.abs().max().item(), 1e-300)
+        rel, why = err / scale, ""
         verdict = "ok" if rel <= tol else "DIFFERS"
+        if verdict == "DIFFERS":
+            if exact is None:
+                exact = _float64_gradient(workload, reference, device)
+            if isinstance(exact, str):
+                why = f"; no float64 {reference.library} to judge rounding ({exact})"
+            else:
+                own, ref_own = ((g.double() - exact).abs().max().item() / scale for g in (e.grad, reference.grad))
+                verdict = "float32 rounding" if own <= ROUNDING_FACTOR * max(tol, ref_own) else "DIFFERS"
+                why = f"; from {reference.library}'s float64: {own:.1e}, its own float32 {ref_own:.1e}"
         e.grad_check = f"{rel:.1e} {verdict}"
-        print(f"    {e.library:22s} max abs {err:.3e}, rel {rel:.3e}  [{verdict}]")
+        print(f"    {e.library:22s} max abs {err:.3e}, rel {rel:.3e}{why}  [{verdict}]")
+
+
+def _float64_gradient(workload: Workload, reference: Entry, device: str) -> Tensor | str:
+    """The reference library's float64 meta-gradient of ``workload`` at the entry's size,
+    or why it cannot be had (easyfsl's MatchingNetworks, e.g., mixes in float32 labels)."""
+    try:
+        step = build_step(workload, reference.library, dtype=torch.float64, tasks=reference.tasks, device=device)
+        step.step()
+        return step.gradient().double()
+    except Exception as exc:  # a peer that does not run in float64 is reported, not fatal
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
 
 
 def check_float64(workload: Workload, tasks: int, device: str = "cpu") -> list[str]:

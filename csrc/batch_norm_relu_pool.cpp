@@ -9,8 +9,7 @@
 // normalised full-resolution tensor, the pooling indices and the zero-filled gradient
 // buffer ATen's three kernels need never exist.
 //
-// With scale = weight * invstd and shift = bias - mean * scale, y = x * scale + shift is
-// monotonic in x, so each window's maximum of y is y at the window's maximum of x (its
+// With scale = weight * invstd, y = (x - mean) * scale + bias is monotonic in x, so each window's maximum of y is y at the window's maximum of x (its
 // minimum when scale < 0; its first element when scale is 0 and all of y is equal). The
 // window is chosen on x by ATen's rule (a greater, or here smaller, value or a NaN takes
 // over), an integer decision that the forward and the backward make identically.
@@ -18,7 +17,9 @@
 //   s1 = sum gz, s2 = sum gz * xhat[argmax],
 //   grad x = scale * ([x is its window's argmax] gz - s1 / M - xhat * s2 / M),
 // (eval mode: scale * [argmax] gz), grad weight = s2, grad bias = s1.
-// Sums run in float lanes per plane and in double across planes.
+// Sums run in float lanes per plane and in double across planes. Values are centred
+// (x - mean) before they are scaled, as ATen does, rather than folding the mean into
+// one affine x * scale + shift, whose two large terms cancel when |mean| >> std.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -118,14 +119,14 @@ PYMETA_INLINE T window_best(const T* r0, const T* r1, int64_t ow) {
 
 // One plane's windows, row pair by row pair; branch-free so that each loop vectorises.
 template <int UP, typename T>
-PYMETA_INLINE void forward_plane(const T* x, T* out, const Shape& s, T sc, T sh) {
+PYMETA_INLINE void forward_plane(const T* x, T* out, const Shape& s, T mean, T sc, T shift) {
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const T* r0 = x + 2 * oh * s.W;
     const T* r1 = r0 + s.W;
     T* o = out + oh * s.OW;
 #pragma omp simd
     for (int64_t ow = 0; ow < s.OW; ++ow) {
-      const T y = window_best<UP>(r0, r1, ow) * sc + sh;
+      const T y = (window_best<UP>(r0, r1, ow) - mean) * sc + shift;
       o[ow] = ((y > 0) | (y != y)) ? y : T(0);
     }
   }
@@ -151,12 +152,12 @@ PYMETA_INLINE std::pair<T, T> backward_sums_plane(const T* grad, const T* x, con
   return {r1, r2};
 }
 
-// grad x of one plane: a * x + c0 everywhere, plus sc * gz at each window's choice.
+// grad x of one plane: a * (x - mean) + c0 everywhere, plus sc * gz at each window's choice.
 // Windows do not overlap: each of their elements is written once, then the odd last
 // column and row (in no window) get a * x + c0.
 template <int UP, typename T>
 PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict x, const T* __restrict out,
-                           T* __restrict gx, const Shape& s, T a, T c0, T sc) {
+                           T* __restrict gx, const Shape& s, T mean, T a, T c0, T sc) {
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const T* r0 = x + 2 * oh * s.W;
     const T* rr = r0 + s.W;
@@ -177,25 +178,25 @@ PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict 
       const bool e3 = !(e01 | e2);
       const T scaled = sc * g[ow];
       const T add = o[ow] > 0 ? scaled : T(0);
-      q0[2 * ow] = a * x0 + c0 + (e0 ? add : T(0));
-      q0[2 * ow + 1] = a * x1 + c0 + (e1 ? add : T(0));
-      q1[2 * ow] = a * x2 + c0 + (e2 ? add : T(0));
-      q1[2 * ow + 1] = a * x3 + c0 + (e3 ? add : T(0));
+      q0[2 * ow] = a * (x0 - mean) + c0 + (e0 ? add : T(0));
+      q0[2 * ow + 1] = a * (x1 - mean) + c0 + (e1 ? add : T(0));
+      q1[2 * ow] = a * (x2 - mean) + c0 + (e2 ? add : T(0));
+      q1[2 * ow + 1] = a * (x3 - mean) + c0 + (e3 ? add : T(0));
     }
     if (s.W % 2) {
-      q0[s.W - 1] = a * r0[s.W - 1] + c0;
-      q1[s.W - 1] = a * rr[s.W - 1] + c0;
+      q0[s.W - 1] = a * (r0[s.W - 1] - mean) + c0;
+      q1[s.W - 1] = a * (rr[s.W - 1] - mean) + c0;
     }
   }
   if (s.H % 2) {
-    for (int64_t j = (s.H - 1) * s.W; j < s.plane(); ++j) gx[j] = a * x[j] + c0;
+    for (int64_t j = (s.H - 1) * s.W; j < s.plane(); ++j) gx[j] = a * (x[j] - mean) + c0;
   }
 }
 
 template <int UP, typename T>
-PYMETA_INLINE void forward_channel_dir(const T* x, T* out, const Shape& s, int64_t c, T sc, T sh) {
+PYMETA_INLINE void forward_channel_dir(const T* x, T* out, const Shape& s, int64_t c, T mean, T sc, T shift) {
   for (int64_t b = 0; b < s.B; ++b) {
-    forward_plane<UP>(x + (b * s.C + c) * s.plane(), out + (b * s.C + c) * s.out_plane(), s, sc, sh);
+    forward_plane<UP>(x + (b * s.C + c) * s.plane(), out + (b * s.C + c) * s.out_plane(), s, mean, sc, shift);
   }
 }
 
@@ -204,13 +205,13 @@ PYMETA_INLINE void forward_channel(const T* x, T* out, const Shape& s, int64_t c
                                    const T* running_mean, const T* running_var, double eps) {
   const auto [mean, invstd] = channel_statistics(x, s, c, running_mean, running_var, eps);
   const double scale = double(weight[c]) * invstd;
-  const T sc = T(scale), sh = T(double(bias[c]) - mean * scale);
+  const T m = T(mean), sc = T(scale), shift = bias[c];
   if (scale > 0) {
-    forward_channel_dir<1>(x, out, s, c, sc, sh);
+    forward_channel_dir<1>(x, out, s, c, m, sc, shift);
   } else if (scale < 0) {
-    forward_channel_dir<-1>(x, out, s, c, sc, sh);
+    forward_channel_dir<-1>(x, out, s, c, m, sc, shift);
   } else {
-    forward_channel_dir<0>(x, out, s, c, sc, sh);
+    forward_channel_dir<0>(x, out, s, c, m, sc, shift);
   }
 }
 
@@ -229,10 +230,10 @@ PYMETA_INLINE void backward_channel_dir(const T* grad, const T* x, const T* out,
   *gw = s2;
   const double count = double(s.B * s.plane());
   const T a = train ? T(-scale * s2 * invstd / count) : T(0);
-  const T c0 = train ? T(-scale * s1 / count + scale * s2 * invstd * mean / count) : T(0);
+  const T c0 = train ? T(-scale * s1 / count) : T(0);
   for (int64_t b = 0; b < s.B; ++b) {
     const int64_t o = (b * s.C + c) * s.out_plane(), i = (b * s.C + c) * s.plane();
-    backward_plane<UP>(grad + o, x + i, out + o, gx + i, s, a, c0, T(scale));
+    backward_plane<UP>(grad + o, x + i, out + o, gx + i, s, T(mean), a, c0, T(scale));
   }
 }
 

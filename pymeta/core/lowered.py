@@ -44,9 +44,9 @@ from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.max_pool2d import max_pool2d
 
-# Narrower planes run BatchNorm, max-pooling and ReLU faster as ATen's three kernels
-# (1 thread, [75, 64, W, W], forward + backward: 28 wide 1.8x faster fused, 14 wide
-# 0.9x, 7 wide 0.6x; benchmarks/bench_batch_norm_relu_pool.py).
+# Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
+# benchmarks/bench_batch_norm_relu_pool.py: 28 wide 1.9x faster fused, 14 wide 0.8-1.2x
+# between sessions and no faster in a conv4 MAML or ProtoNet step, 7 wide 0.8x).
 FUSED_MIN_WIDTH = 16
 
 # (weights: fast weights {name: [T, *shape]}, x: [T, B, ...], record) -> [T, B, ...];

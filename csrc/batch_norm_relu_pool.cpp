@@ -9,8 +9,8 @@
 // normalised full-resolution tensor, the pooling indices and the zero-filled gradient
 // buffer ATen's three kernels need never exist.
 //
-// With scale = weight * invstd, y = (x - mean) * scale + bias is monotonic in x, so each window's maximum of y is y at the window's maximum of x (its
-// minimum when scale < 0; its first element when scale is 0 and all of y is equal). The
+// With scale = weight * invstd, y = (x - mean) * scale + bias is monotonic in x, so each
+// window's maximum of y is y at the window's maximum of x (its minimum when scale < 0; its first element when scale is 0 and all of y is equal). The
 // window is chosen on x by ATen's rule (a greater, or here smaller, value or a NaN takes
 // over), an integer decision that the forward and the backward make identically.
 // Backward (train mode, M = B * H * W positions, gz = grad where out > 0):
@@ -154,7 +154,7 @@ PYMETA_INLINE std::pair<T, T> backward_sums_plane(const T* grad, const T* x, con
 
 // grad x of one plane: a * (x - mean) + c0 everywhere, plus sc * gz at each window's choice.
 // Windows do not overlap: each of their elements is written once, then the odd last
-// column and row (in no window) get a * x + c0.
+// column and row (in no window) get a * (x - mean) + c0.
 template <int UP, typename T>
 PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict x, const T* __restrict out,
                            T* __restrict gx, const Shape& s, T mean, T a, T c0, T sc) {

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from pymeta.ops._backends import unavailable_reason
+
+# Tests of the C++ kernels themselves (the op-case tests skip per backend in op_cases.py).
+needs_cpp = pytest.mark.skipif(unavailable_reason("cpp", torch.device("cpu")) is not None,
+                               reason="the C++ extension did not build")
 
 
 def mlp(in_features: int = 1, out_features: int = 1) -> nn.Module:

@@ -3,20 +3,14 @@ reference, gradcheck, gradgradcheck, opcheck and the transforms: tests/test_ops.
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import needs_cpp
 
 from pymeta import ops
 from pymeta.ops import _backends
-
-cpp = pytest.mark.skipif(_backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
-                         reason="the C++ extension did not build")
+from pymeta.ops.batch_norm_relu_pool import reference_forward
 
 
-def aten(x, weight, bias):
-    return F.relu(F.max_pool2d(F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5), 2))
-
-
-@cpp
+@needs_cpp
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 def test_float32_error_stays_at_rounding_level_when_the_mean_dwarfs_the_spread(offset):
     """Activations with |mean| = 60 std, where statistics taken as E[x^2] - E[x]^2 in
@@ -33,7 +27,7 @@ def test_float32_error_stays_at_rounding_level_when_the_mean_dwarfs_the_spread(o
         out = fn(*args)
         return [out, *torch.autograd.grad(out, args, grad.to(dtype))]
 
-    exact = value_and_grads(aten, torch.float64)
+    exact = value_and_grads(lambda *a: reference_forward(*a, None, None, 1e-5), torch.float64)
     with _backends.force_backend("cpp"):
         fused = value_and_grads(lambda *a: ops.batch_norm_relu_pool(*a, None, None, 1e-5), torch.float32)
     for name, got, want in zip(("out", "grad x", "grad weight", "grad bias"), fused, exact, strict=True):

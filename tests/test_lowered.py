@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import needs_cpp
 from torch import nn
 
 import pymeta
@@ -124,7 +125,7 @@ def test_relu_then_max_pool_reordered_exactly_even_with_ties():
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.skipif(pymeta.ops.backends()["cpp"] != "available", reason="the C++ extension is not available here")
+@needs_cpp
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_fused_conv_blocks_run_the_fused_kernel_and_equal_the_loop(mode):
     build, shape = MODELS["conv_blocks_fused"]

@@ -4,9 +4,9 @@ opcheck and the transforms: tests/test_ops.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_cpp
 from torch.nn.modules.utils import _pair
 
-from pymeta.ops import _backends
 from pymeta.ops.max_pool2d import max_pool2d
 
 
@@ -43,11 +43,7 @@ def test_nan_propagates_like_f_max_pool2d():
     assert torch.equal(g[0], g[1])
 
 
-cpp = pytest.mark.skipif(_backends.unavailable_reason("cpp", torch.device("cpu")) is not None,
-                         reason="the C++ extension did not build")
-
-
-@cpp
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "shape,kernel,stride",
@@ -69,7 +65,7 @@ def test_cpp_kernel_equals_aten_bit_for_bit(dtype, shape, kernel, stride):
                                                                       False)[1], rtol=0, atol=0)
 
 
-@cpp
+@needs_cpp
 def test_cpp_kernel_bad_arguments():
     op = torch.ops.pymeta_cpu.max_pool2d
     with pytest.raises(ValueError, match=r"input must be \[N, C, H, W\], got shape \[4, 4\]"):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -21,12 +22,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from pymeta import _leftovers, _validate
 
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a missing rank before failing
 LAUNCH_PREFIX = "pymeta-launch-"  # + owner_tag(): the folder where launch's ranks report
 _STOP_WAIT = 30.0  # seconds rank 0 gets to stop after a Ctrl-C (then, as the others, SIGKILL)
+_FOLLOW_WAIT = 5.0  # then seconds the other ranks get to end on their own (their collectives fail)
 
 
 class WorkerError(RuntimeError):
@@ -150,12 +153,19 @@ def _interrupted(failures: str) -> KeyboardInterrupt | None:
 
 def _stop(processes: list[Any]) -> None:
     """After a Ctrl-C: SIGINT to rank 0 (which may have had one from the terminal too) and
-    wait for it to stop and report; the other ranks, which write nothing, are killed
-    then. A second Ctrl-C stops the wait."""
+    wait for it to stop and report, then briefly for the other ranks, which write nothing
+    and fail once rank 0 is gone; what is still running is killed. A second Ctrl-C stops
+    the waits."""
     try:
         if processes[0].is_alive():
             os.kill(processes[0].pid, signal.SIGINT)
         processes[0].join(_STOP_WAIT)
+        # A rank killed holding resources (a semaphore, a half-written line) makes them
+        # show up after the launcher's last line; a rank left to fail on rank 0's absence
+        # releases them.
+        deadline = time.monotonic() + _FOLLOW_WAIT
+        for process in processes[1:]:
+            process.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:
         pass
     for process in processes:
@@ -177,6 +187,10 @@ def _worker(
 ) -> None:
     """One rank of :func:`launch`: torchrun's environment, a thread budget, the group, ``fn``."""
     signal.signal(signal.SIGINT, _interrupt_once)
+    # tqdm's default lock is a multiprocessing one, a named semaphore: a rank that dies
+    # without cleanup leaks it, and Python's resource tracker then prints a warning after
+    # the launcher's last line. Only rank 0 draws progress bars: a thread lock suffices.
+    tqdm.set_lock(threading.RLock())
     # The OS sends a SIGINT when the launcher dies (PR_SET_PDEATHSIG, set by torch before
     # this runs), but not if it died while this rank was starting: check that case.
     if os.getppid() != mp.parent_process().pid:

@@ -202,23 +202,25 @@ def _relation_pairs_case(mode: str) -> OpCase:
     )
 
 
-def _batch_norm_relu_pool_case(mode: str) -> OpCase:
+def _batch_norm_relu_pool_case(mode: str, width: int) -> OpCase:
     """Train mode (batch statistics) or eval mode (running statistics, not differentiated);
     an odd height and width (a row and a column pooled away); weights of both signs, so the
-    kernel's window choice runs on maxima and minima of x."""
+    kernel's window choice runs on maxima and minima of x. Width 7 (3 windows per row) runs
+    the C++ kernel's plain loop, 11 (5 windows) its chunks of 4 windows and 19 (9 windows)
+    its chunks of 8, a row's last chunk overlapping the one before."""
     C = 3
     running = (None, None) if mode == "train" else (torch.randn(C, dtype=torch.float64),
                                                      torch.rand(C, dtype=torch.float64) + 0.5)
 
     def inputs() -> tuple[Tensor, ...]:
-        return (torch.rand(2, C, 5, 7, dtype=torch.float64), torch.tensor([1.5, -0.8, 0.6], dtype=torch.float64),
+        return (torch.rand(2, C, 5, width, dtype=torch.float64), torch.tensor([1.5, -0.8, 0.6], dtype=torch.float64),
                 torch.randn(C, dtype=torch.float64))
 
     def three_ops(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return F.relu(F.max_pool2d(F.batch_norm(x, *running, w, b, training=mode == "train"), 2))
 
     return OpCase(
-        f"batch_norm_relu_pool-{mode}", inputs, lambda x, w, b: ops.batch_norm_relu_pool(x, w, b, *running),
+        f"batch_norm_relu_pool-{mode}-w{width}", inputs, lambda x, w, b: ops.batch_norm_relu_pool(x, w, b, *running),
         three_ops, backends=("reference", "cpp"),
     )
 
@@ -247,5 +249,5 @@ CASES = [
     *(_inner_sgd_case(form) for form in ("float", "scalar", "task", "mixed")), _inner_sgd_expanded_case(),
     _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(),
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
-    *(_batch_norm_relu_pool_case(mode) for mode in ("train", "eval")),
+    *(_batch_norm_relu_pool_case(mode, width) for mode in ("train", "eval") for width in (7, 11, 19)),
 ]

@@ -64,11 +64,15 @@ def test_compiled_meta_gradients_equal_eager(name):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=fullgraph)
     loss = compiled(*episode)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    # Relative to the whole meta-gradient: a conv bias before train-mode BatchNorm has a
+    # gradient of exactly 0 in exact arithmetic, so its own norm is rounding noise (1e-17)
+    # that differs between eager's fused BatchNorm kernel and the compiler's three ops.
+    scale = torch.cat([e.flatten() for e in expected if e is not None]).norm()
     for p, g, e in zip(params, grads, expected, strict=True):
         if e is None:
             assert g is None
             continue
-        err = ((g - e).norm() / e.norm().clamp_min(1e-300)).item()
+        err = ((g - e).norm() / scale).item()
         print(f"{name} {tuple(p.shape)}: relative error {err:.2e}")
         assert err < 1e-10
     torch.testing.assert_close(loss, eager, rtol=1e-12, atol=1e-12)

@@ -49,7 +49,9 @@ def test_checkpointed_inner_loop_matches_reference_and_saves_less(algo, strategy
     ckpt = algo(model, lr=0.3, steps=steps, strategy=strategy, checkpoint_steps=True)
     ckpt.load_state_dict(plain.state_dict())
     (plain_bytes, plain_pred), (ckpt_bytes, ckpt_pred) = (saved_bytes(lambda a=a: a.episode(sx, sy, qx)) for a in (plain, ckpt))
-    torch.testing.assert_close(ckpt_pred, plain_pred, rtol=0, atol=0)
+    # Equal up to rounding: a step that builds no graph (the checkpointed forward) runs the
+    # fused BatchNorm kernel's backward, one that does runs its differentiable reference.
+    torch.testing.assert_close(ckpt_pred, plain_pred, rtol=1e-12, atol=1e-12)
     grads = [torch.autograd.grad(per_task_sum(F.cross_entropy, p, qy), list(a.parameters()))
              for a, p in ((plain, plain_pred), (ckpt, ckpt_pred))]
     assert relative_error(grads[1], grads[0]) < 1e-12  # weights and (Meta-SGD) learning rates

@@ -45,9 +45,9 @@ from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
-# benchmarks/bench_batch_norm_relu_pool.py: 28 wide 1.9x faster fused, 14 wide 0.8-1.2x
-# between sessions and no faster in a conv4 MAML or ProtoNet step, 7 wide 0.8x).
-FUSED_MIN_WIDTH = 16
+# benchmarks/bench_batch_norm_relu_pool.py: 28 wide 2.5x faster fused, 14 wide 2.4x,
+# 7 wide 0.7x: under 4 windows per row the kernel's rows are too short for its vectors).
+FUSED_MIN_WIDTH = 8
 
 # (weights: fast weights {name: [T, *shape]}, x: [T, B, ...], record) -> [T, B, ...];
 # record: None, or where BatchNorm layers put their batch statistics.

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "multiversion.h"
@@ -124,7 +125,18 @@ PYMETA_INLINE T window_best(const T* r0, const T* r1, int64_t ow) {
 // skip them. CH is 8 for rows of at least 8 windows, else 4, and rows of under 4 run a
 // plain loop (CH = 0). conv4's 28-wide planes have 14 windows per row, which a plain
 // loop ran as 8 in vectors and 6 in scalar, branchy code (about half the kernel's time).
-PYMETA_INLINE int chunk_length(int64_t OW) { return OW >= 8 ? 8 : OW >= 4 ? 4 : 0; }
+// with_chunk_length calls body(std::integral_constant<int, CH>{}) with the CH of rows of
+// OW windows; body must be PYMETA_LAMBDA_INLINE, as every callee of a target clone is inlined.
+template <typename Body>
+PYMETA_INLINE void with_chunk_length(int64_t OW, Body&& body) {
+  if (OW >= 8) {
+    body(std::integral_constant<int, 8>{});
+  } else if (OW >= 4) {
+    body(std::integral_constant<int, 4>{});
+  } else {
+    body(std::integral_constant<int, 0>{});
+  }
+}
 
 // The first window of the chunk that starts at `start` (shifted back when it would run past OW).
 template <int CH>
@@ -246,18 +258,12 @@ PYMETA_INLINE void backward_plane(const T* __restrict grad, const T* __restrict 
 
 template <int UP, typename T>
 PYMETA_INLINE void forward_channel_dir(const T* x, T* out, const Shape& s, int64_t c, T mean, T sc, T shift) {
-  const int chunk = chunk_length(s.OW);
-  for (int64_t b = 0; b < s.B; ++b) {
-    const T* xp = x + (b * s.C + c) * s.plane();
-    T* op = out + (b * s.C + c) * s.out_plane();
-    if (chunk == 8) {
-      forward_plane<8, UP>(xp, op, s, mean, sc, shift);
-    } else if (chunk == 4) {
-      forward_plane<4, UP>(xp, op, s, mean, sc, shift);
-    } else {
-      forward_plane<0, UP>(xp, op, s, mean, sc, shift);
+  with_chunk_length(s.OW, [&](auto ch) PYMETA_LAMBDA_INLINE {
+    constexpr int CH = decltype(ch)::value;
+    for (int64_t b = 0; b < s.B; ++b) {
+      forward_plane<CH, UP>(x + (b * s.C + c) * s.plane(), out + (b * s.C + c) * s.out_plane(), s, mean, sc, shift);
     }
-  }
+  });
 }
 
 template <typename T>
@@ -279,31 +285,25 @@ template <int UP, typename T>
 PYMETA_INLINE void backward_channel_dir(const T* grad, const T* x, const T* out, T* gx, double* gw, double* gb,
                                         const Shape& s, int64_t c, double mean, double invstd, double scale,
                                         bool train) {
-  const int chunk = chunk_length(s.OW);
-  double s1 = 0, s2 = 0;
-  for (int64_t b = 0; b < s.B; ++b) {
-    const int64_t o = (b * s.C + c) * s.out_plane(), i = (b * s.C + c) * s.plane();
-    const auto [r1, r2] = chunk == 8   ? backward_sums_plane<8, UP>(grad + o, x + i, out + o, s, T(mean))
-                          : chunk == 4 ? backward_sums_plane<4, UP>(grad + o, x + i, out + o, s, T(mean))
-                                       : backward_sums_plane<0, UP>(grad + o, x + i, out + o, s, T(mean));
-    s1 += r1;
-    s2 += double(r2) * invstd;
-  }
-  *gb = s1;
-  *gw = s2;
-  const double count = double(s.B * s.plane());
-  const T a = train ? T(-scale * s2 * invstd / count) : T(0);
-  const T c0 = train ? T(-scale * s1 / count) : T(0);
-  for (int64_t b = 0; b < s.B; ++b) {
-    const int64_t o = (b * s.C + c) * s.out_plane(), i = (b * s.C + c) * s.plane();
-    if (chunk == 8) {
-      backward_plane<8, UP>(grad + o, x + i, out + o, gx + i, s, T(mean), a, c0, T(scale));
-    } else if (chunk == 4) {
-      backward_plane<4, UP>(grad + o, x + i, out + o, gx + i, s, T(mean), a, c0, T(scale));
-    } else {
-      backward_plane<0, UP>(grad + o, x + i, out + o, gx + i, s, T(mean), a, c0, T(scale));
+  with_chunk_length(s.OW, [&](auto ch) PYMETA_LAMBDA_INLINE {
+    constexpr int CH = decltype(ch)::value;
+    double s1 = 0, s2 = 0;
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t o = (b * s.C + c) * s.out_plane();
+      const auto [r1, r2] = backward_sums_plane<CH, UP>(grad + o, x + (b * s.C + c) * s.plane(), out + o, s, T(mean));
+      s1 += r1;
+      s2 += double(r2) * invstd;
     }
-  }
+    *gb = s1;
+    *gw = s2;
+    const double count = double(s.B * s.plane());
+    const T a = train ? T(-scale * s2 * invstd / count) : T(0);
+    const T c0 = train ? T(-scale * s1 / count) : T(0);
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t o = (b * s.C + c) * s.out_plane(), i = (b * s.C + c) * s.plane();
+      backward_plane<CH, UP>(grad + o, x + i, out + o, gx + i, s, T(mean), a, c0, T(scale));
+    }
+  });
 }
 
 template <typename T>

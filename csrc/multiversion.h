@@ -14,8 +14,11 @@
 #define PYMETA_MULTIVERSION
 #endif
 
+// PYMETA_LAMBDA_INLINE: the same for a lambda, after its parameter list.
 #if defined(__GNUC__)
 #define PYMETA_INLINE inline __attribute__((always_inline))
+#define PYMETA_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define PYMETA_INLINE inline
+#define PYMETA_LAMBDA_INLINE
 #endif

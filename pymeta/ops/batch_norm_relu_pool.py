@@ -30,10 +30,10 @@ elsewhere (GPU: cuDNN's BatchNorm and ATen's pooling) and the backward of a
 ``create_graph=True`` pass (second-order MAML differentiates through it).
 
 Where results differ from the three ATen ops: values are the same up to rounding (the
-kernel normalises as ``x * scale + shift``); the window's maximum is chosen on ``x``
-(BatchNorm is monotonic per channel), so when two inputs of a window round to the same
-normalised value the gradient may go to the other one of the two than ATen's pooling
-picks (both are valid subgradients; distinct normalised values never differ).
+kernel centres x on the mean before scaling, as ATen does, in its own order of sums);
+the window's maximum is chosen on ``x`` (BatchNorm is monotonic per channel), so when
+two inputs of a window round to the same normalised value the gradient may go to the
+other one of the two than ATen's pooling picks (both are valid subgradients; distinct normalised values never differ).
 """
 
 from __future__ import annotations

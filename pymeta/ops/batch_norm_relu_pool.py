@@ -33,7 +33,8 @@ Where results differ from the three ATen ops: values are the same up to rounding
 kernel centres x on the mean before scaling, as ATen does, in its own order of sums);
 the window's maximum is chosen on ``x`` (BatchNorm is monotonic per channel), so when
 two inputs of a window round to the same normalised value the gradient may go to the
-other one of the two than ATen's pooling picks (both are valid subgradients; distinct normalised values never differ).
+other one of the two than ATen's pooling picks (both are valid subgradients; distinct
+normalised values never differ).
 """
 
 from __future__ import annotations

@@ -181,6 +181,15 @@ def _interrupt_once(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupt_when_orphaned(launcher: int) -> None:
+    """SIGINT to this rank once its launcher is gone, checked every second: a backup for
+    PR_SET_PDEATHSIG, whose signal was seen lost under load (a rank left sleeping with
+    its handler installed, never called, and its launcher dead)."""
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def _worker(
     index: int, fn: Callable[..., Any], args: tuple[Any, ...], nproc: int, port: int, backend: str | None,
     timeout: float, failures: str,
@@ -193,8 +202,10 @@ def _worker(
     tqdm.set_lock(threading.RLock())
     # The OS sends a SIGINT when the launcher dies (PR_SET_PDEATHSIG, set by torch before
     # this runs), but not if it died while this rank was starting: check that case.
-    if os.getppid() != mp.parent_process().pid:
+    launcher = mp.parent_process().pid
+    if os.getppid() != launcher:
         return
+    threading.Thread(target=_interrupt_when_orphaned, args=(launcher,), daemon=True).start()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
         WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),

@@ -5,9 +5,7 @@
 // thread: 2.3 ms against 6.1 ms for the channels-last round trip, see
 // benchmarks/bench_max_pool2d.py; planes narrower than 16 stay on channels-last).
 //
-// Same results as ATen, bit for bit: each window is scanned row by row, a value replaces
-// the current maximum if it is greater or NaN (so the first maximum wins ties and the
-// last NaN wins), and indices are flat positions in the input plane.
+// Same results as ATen, bit for bit (see pool_windows.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -15,46 +13,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <tuple>
 
 #include "multiversion.h"
+#include "pool_windows.h"
 
 namespace pymeta {
 namespace {
-
-struct Window {
-  int64_t kh, kw, sh, sw;
-};
-
-// ATen's update rule: a greater value or a NaN replaces the current maximum.
-template <typename scalar_t>
-inline bool take(scalar_t v, scalar_t best) {
-  return v > best || std::isnan(v);
-}
-
-// One plane [H, W] -> [OH, OW], any window.
-template <typename scalar_t>
-void pool_plane(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t W, int64_t OH, int64_t OW, Window w) {
-  for (int64_t oh = 0; oh < OH; ++oh) {
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      const int64_t first = oh * w.sh * W + ow * w.sw;
-      scalar_t best = in[first];
-      int64_t where = first;
-      for (int64_t i = 0; i < w.kh; ++i) {
-        for (int64_t j = (i == 0 ? 1 : 0); j < w.kw; ++j) {
-          const int64_t at = first + i * W + j;
-          if (take(in[at], best)) {
-            best = in[at];
-            where = at;
-          }
-        }
-      }
-      out[oh * OW + ow] = best;
-      idx[oh * OW + ow] = where;
-    }
-  }
-}
 
 // The 2x2 / stride 2 window of conv nets, unrolled and branch-free so it vectorises.
 template <typename scalar_t>
@@ -118,8 +83,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty({N, C, OH, OW}, x.options());
   at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kLong));
-  const Window w{kernel[0], kernel[1], stride[0], stride[1]};
-  const bool two_by_two = w.kh == 2 && w.kw == 2 && w.sh == 2 && w.sw == 2;
+  Windows w;
+  for (int64_t oh = 0; oh < OH; ++oh) w.rows.insert(w.rows.end(), {oh * stride[0], oh * stride[0] + kernel[0]});
+  for (int64_t ow = 0; ow < OW; ++ow) w.cols.insert(w.cols.end(), {ow * stride[1], ow * stride[1] + kernel[1]});
+  const bool two_by_two = kernel[0] == 2 && kernel[1] == 2 && stride[0] == 2 && stride[1] == 2;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_max_pool2d", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -131,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::I
         if (two_by_two) {
           pool_plane_2x2_any(in + p * H * W, o + p * OH * OW, ix + p * OH * OW, W, OH, OW);
         } else {
-          pool_plane(in + p * H * W, o + p * OH * OW, ix + p * OH * OW, W, OH, OW, w);
+          pool_plane(in + p * H * W, o + p * OH * OW, ix + p * OH * OW, W, w);
         }
       }
     });

@@ -214,7 +214,9 @@ void backward_kernel(const at::Tensor& g_t, const at::Tensor& a_t, const at::Ten
 #pragma omp simd reduction(+ : part1, part2)
           for (int64_t i = 0; i < s.HW; ++i) {
             const acc_t x = (static_cast<acc_t>(ra[i]) + static_cast<acc_t>(rb[i]) - m) * inv;
-            const acc_t v = x * w + beta > acc_t(0) ? static_cast<acc_t>(rg[i]) : acc_t(0);
+            // Loaded whatever the mask: a load under the condition keeps the loop scalar.
+            const acc_t gi = static_cast<acc_t>(rg[i]);
+            const acc_t v = x * w + beta > acc_t(0) ? gi : acc_t(0);
             Gn[i] += v;
             Hq[i] += v;
             part1 += v;

@@ -185,6 +185,18 @@ def _max_pool2d_case() -> OpCase:
     )
 
 
+def _adaptive_max_pool2d_case() -> OpCase:
+    # Adaptive windows of uneven sizes (7 -> 5 rows: 2, 2, 3, 2, 2) and overlapping (9 ->
+    # 4 columns); 9 planes: one block of 8 vector lanes and a scalar remainder. The op
+    # itself (ops.adaptive_max_pool2d leaves pooling to the compiler under torch.compile;
+    # its other cases are F.adaptive_max_pool2d's: tests/test_adaptive_max_pool2d.py).
+    return OpCase(
+        "adaptive_max_pool2d", lambda: (torch.rand(3, 3, 7, 9, dtype=torch.float64),),
+        lambda x: torch.ops.pymeta.adaptive_max_pool2d(x, [5, 4])[0], lambda x: F.adaptive_max_pool2d(x, (5, 4)),
+        backends=("reference", "cpp"),
+    )
+
+
 def _relation_pairs_case(mode: str) -> OpCase:
     """Train mode (each task's batch statistics) or eval mode (fixed running statistics, not
     differentiated); per-task affine parameters ``[T, C]``; an offset on the class side."""
@@ -247,7 +259,7 @@ def _memory_access_case() -> OpCase:
 # tensor (scalar, task) or as a list, whose per-param kinds "mixed" covers in one call.
 CASES = [
     *(_inner_sgd_case(form) for form in ("float", "scalar", "task", "mixed")), _inner_sgd_expanded_case(),
-    _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(),
+    _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(), _adaptive_max_pool2d_case(),
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
     *(_batch_norm_relu_pool_case(mode, width) for mode in ("train", "eval") for width in (7, 11, 19)),
 ]

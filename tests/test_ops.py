@@ -169,8 +169,8 @@ def _compile_params() -> list:
     skip the op), and tiny inner_sgd on the automatic choice: plain torch ops, traced."""
     cpp = unavailable_reason("cpp", CPU)
     backend = "cpp" if cpp is None else "reference"
-    chosen = ("inner_sgd-mixed", "prototypes", "proto_logits-euclidean", "max_pool2d", "relation_pairs-train",
-              "memory_access")
+    chosen = ("inner_sgd-mixed", "prototypes", "proto_logits-euclidean", "max_pool2d", "adaptive_max_pool2d",
+              "relation_pairs-train", "memory_access")
     by_id = {case.id: case for case in CASES}
     return [*(pytest.param(by_id[i], backend, id=f"{i}-{backend}") for i in chosen),
             pytest.param(by_id["inner_sgd-mixed"], None, id="inner_sgd-mixed-auto")]

@@ -70,8 +70,7 @@ def embed_episode(
     if picker is None or not uses_batch_statistics(batched.module):
         # No BatchNorm, or all of it in eval mode on running statistics: every example
         # is independent of the others, so the tasks run as one flat batch.
-        x = torch.cat([support_x, query_x], dim=1)
-        z = batched.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        z = batched.flat(torch.cat([support_x, query_x], dim=1))
         return z[:, :shots], z[:, shots:]
     with picker.timed() as strategy:
         if batch_stats == "separate":

@@ -223,9 +223,8 @@ class RelationNet(MetricLearner, cli=("relationnet", "relationnet-ce")):
     def _run_head(self, pairs: Tensor) -> Tensor:
         """The relation module (or its rest after the fused block) on ``[T, P, ...]`` pairs,
         BatchNorm seeing one task's pairs at a time."""
-        module = self._head.module
-        if self._head_picker is None or not uses_batch_statistics(module):
-            return module(pairs.flatten(0, 1)).unflatten(0, pairs.shape[:2])  # tasks independent: one batch
+        if self._head_picker is None or not uses_batch_statistics(self._head.module):
+            return self._head.flat(pairs)  # tasks independent: one batch
         with self._head_picker.timed() as strategy:
             return self._head.forward({}, pairs, strategy)
 

@@ -222,6 +222,15 @@ class TaskBatched:
         """Initial fast weights: each parameter viewed as ``[T, *shape]`` (no copy)."""
         return {n: p.unsqueeze(0).expand(num_tasks, *p.shape) for n, p in params.items()}
 
+    def flat(self, x: Tensor) -> Tensor:
+        """``x: [T, B, ...]`` -> ``[T, B, ...]`` through the module's own weights as one
+        batch of ``T * B``: for when every example is independent of the others (no
+        BatchNorm, or all of it on running statistics). Max-pooling takes pymeta's
+        faster CPU kernels (:class:`EpisodeFunctions`: same results)."""
+        mode = EpisodeFunctions(batch_norm=False, max_pool=True) if self._max_pool else contextlib.nullcontext()
+        with mode:
+            return self.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
     def _function_mode(
         self, strategy: str, record: Stats | None = None, weights: FastWeights | None = None
     ) -> contextlib.AbstractContextManager:

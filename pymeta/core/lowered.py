@@ -16,7 +16,8 @@ layer                                      batched form (x: ``[T, B, ...]``)
                                            in eval mode (:mod:`pymeta.core.norms`)
 ``nn.LayerNorm``                           normalise, then per-task affine
 pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim (max-pool via
-                                           :func:`pymeta.ops.max_pool2d`)
+                                           :func:`pymeta.ops.max_pool2d` and
+                                           :func:`pymeta.ops.adaptive_max_pool2d`)
 elementwise activations                    unchanged (shape-agnostic)
 ``BatchNorm2d, MaxPool2d(2), ReLU`` (either  one fused kernel on CPU planes at least
 order of the last two: conv4's block tail)  :data:`FUSED_MIN_WIDTH` wide
@@ -42,6 +43,7 @@ from torch.nn.modules.utils import _pair
 
 from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
+from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
@@ -63,7 +65,7 @@ ELEMENTWISE = (
 # Modules that take one [B, C, ...] batch and treat examples independently.
 PER_EXAMPLE = (
     nn.MaxPool1d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
 )
 
 
@@ -329,6 +331,13 @@ def _max_pool2d(module: nn.MaxPool2d, prefix: str) -> Layer:
     return lambda weights, x, record: max_pool2d(x.flatten(0, 1), *options).unflatten(0, x.shape[:2])
 
 
+def _adaptive_max_pool2d(module: nn.AdaptiveMaxPool2d, prefix: str) -> Layer:
+    # pymeta's adaptive_max_pool2d: F.adaptive_max_pool2d's results with a faster CPU path.
+    return lambda weights, x, record: adaptive_max_pool2d(
+        x.flatten(0, 1), module.output_size, module.return_indices
+    ).unflatten(0, x.shape[:2])
+
+
 LOWERINGS: dict[type[nn.Module], Callable[[nn.Module, str], Layer]] = {
     nn.Linear: _linear,
     nn.Conv2d: _conv2d,
@@ -336,4 +345,5 @@ LOWERINGS: dict[type[nn.Module], Callable[[nn.Module, str], Layer]] = {
     nn.BatchNorm2d: _batch_norm,
     nn.LayerNorm: _layer_norm,
     nn.MaxPool2d: _max_pool2d,
+    nn.AdaptiveMaxPool2d: _adaptive_max_pool2d,
 }

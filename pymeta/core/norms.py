@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
 from pymeta.ops.max_pool2d import max_pool2d
 
 
@@ -63,8 +64,8 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 
 
 def has_max_pool2d(module: nn.Module) -> bool:
-    """True when ``module`` contains an ``nn.MaxPool2d`` layer."""
-    return any(isinstance(m, nn.MaxPool2d) for m in module.modules())
+    """True when ``module`` contains an ``nn.MaxPool2d`` or ``nn.AdaptiveMaxPool2d`` layer."""
+    return any(isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) for m in module.modules())
 
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # {BatchNorm layer name: (mean, var)}
@@ -84,8 +85,9 @@ class EpisodeFunctions(TorchFunctionMode):
         batch_norm: ``F.batch_norm`` in training mode uses batch statistics and leaves
             running statistics alone (the episode policy above); in eval mode
             (``training=False``: the layer uses its running statistics) it runs unchanged.
-        max_pool: ``F.max_pool2d`` takes :func:`pymeta.ops.max_pool2d`'s fast CPU path
-            (same results, a faster forward kernel). Not under ``vmap``, which would need
+        max_pool: ``F.max_pool2d`` and ``F.adaptive_max_pool2d`` take
+            :func:`pymeta.ops.max_pool2d`'s and :func:`pymeta.ops.adaptive_max_pool2d`'s
+            fast CPU paths (same results, faster forward kernels). Not under ``vmap``, which would need
             a batching rule for it.
         record: where a batch-statistics ``F.batch_norm`` call of a layer in ``marks``
             puts ``record[name] = (mean, var)`` of its input (:func:`batch_statistics`).
@@ -114,6 +116,8 @@ class EpisodeFunctions(TorchFunctionMode):
             return self._batch_norm(*args, **kwargs)
         if func is F.max_pool2d and self.max_pool:
             return max_pool2d(*args, **kwargs)
+        if func is F.adaptive_max_pool2d and self.max_pool:
+            return adaptive_max_pool2d(*args, **kwargs)
         return func(*args, **kwargs)
 
     def _batch_norm(

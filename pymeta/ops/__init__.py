@@ -2,7 +2,8 @@
 
 ``inner_sgd`` (fused ``p - lr * g`` over all fast weights of all tasks), ``prototypes``
 (per-task class means), ``proto_logits`` (negative distances, no ``[T, Q, N, D]``
-temporary), ``max_pool2d`` (``F.max_pool2d`` with a faster CPU forward),
+temporary), ``max_pool2d`` and ``adaptive_max_pool2d`` (``F.max_pool2d`` and
+``F.adaptive_max_pool2d`` with faster CPU forwards),
 ``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over every (query,
 class) pair, no ``[Q * N, 2C, H, W]`` pairs), ``batch_norm_relu_pool`` (a conv4
 block's BatchNorm, ReLU and 2x2 max-pooling in one pass) and ``memory_access`` (one MANN step: LRU
@@ -11,6 +12,7 @@ do not; ``usage()`` which backend each op call of this process ran on, and why.
 """
 
 from pymeta.ops._backends import backends, force_backend, reset_usage, usage
+from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
 from pymeta.ops.batch_norm_relu_pool import batch_norm_relu_pool
 from pymeta.ops.inner_sgd import inner_sgd
 from pymeta.ops.max_pool2d import max_pool2d
@@ -20,6 +22,6 @@ from pymeta.ops.prototypes import prototypes
 from pymeta.ops.relation_pairs import relation_pairs
 
 __all__ = [
-    "backends", "batch_norm_relu_pool", "force_backend", "inner_sgd", "max_pool2d", "memory_access", "proto_logits", "prototypes",
+    "adaptive_max_pool2d", "backends", "batch_norm_relu_pool", "force_backend", "inner_sgd", "max_pool2d", "memory_access", "proto_logits", "prototypes",
     "relation_pairs", "reset_usage", "usage",
 ]

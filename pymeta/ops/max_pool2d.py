@@ -82,7 +82,8 @@ def _fake(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, 
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
 
 
-def _not_supported(backend: str, input: Tensor, kernel: list[int], stride: list[int]) -> str | None:
+def not_supported(backend: str, input: Tensor, *window: list[int]) -> str | None:
+    """The C++ pooling kernels' dtype rule (shared with :mod:`pymeta.ops.adaptive_max_pool2d`)."""
     if input.dtype not in (torch.float32, torch.float64):
         return f"the C++ kernel takes float32 and float64, got {input.dtype}"
     return None
@@ -94,12 +95,18 @@ def _slower(backend: str, input: Tensor, kernel: list[int], stride: list[int]) -
     return None
 
 
-def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int], list[int]], output: tuple[Tensor, Tensor]) -> None:
-    input, ctx.kernel, ctx.stride = inputs
+def save_input_and_indices(ctx: Any, input: Tensor, output: tuple[Tensor, Tensor]) -> None:
+    """Autograd context of a pooling op returning ``(out, indices)``: the input and the
+    indices saved, no gradient of (or for) the indices."""
     ctx.save_for_backward(input, output[1])
     ctx.mark_non_differentiable(output[1])
     # No zero-filled "gradient" of the indices output (an int64 tensor of the output's size).
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int], list[int]], output: tuple[Tensor, Tensor]) -> None:
+    input, ctx.kernel, ctx.stride = inputs
+    save_input_and_indices(ctx, input, output)
 
 
 def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, None, None]:
@@ -117,7 +124,7 @@ def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, Non
 _OP = FusedOp(
     "max_pool2d", reference_forward, fake=_fake,
     setup_context=_setup_context, vjp=_vjp,
-    not_supported=_not_supported, slower=_slower,
+    not_supported=not_supported, slower=_slower,
     kernels=("cpp",),
     fold_tasks=True,  # images are independent: a vmapped dim folds into N
 )

@@ -8,7 +8,9 @@
 //
 // Windows as ATen's (aten/src/ATen/native/AdaptivePooling.h): output row oh pools input
 // rows [floor(oh * H / OH), ceil((oh + 1) * H / OH)), columns alike; values and indices
-// bit for bit ATen's (pool_windows.h).
+// bit for bit ATen's (pool_windows.h), the indices as int32 (positions in a plane of
+// fewer than 2^31 elements): half the memory of ATen's int64 ones, which autograd keeps
+// until the backward, adaptive_max_pool2d_backward (a scatter-add by them, in ATen's order).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,7 +45,7 @@ std::vector<int64_t> adaptive_bounds(int64_t in, int64_t out) {
 constexpr int64_t LANES = 8;
 
 template <typename scalar_t>
-PYMETA_INLINE void pool_planes(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t planes, int64_t W,
+PYMETA_INLINE void pool_planes(const scalar_t* in, scalar_t* out, int32_t* idx, int64_t planes, int64_t W,
                                int64_t HW, const Windows& w, scalar_t* scratch) {
   const int64_t OH = w.out_height(), OW = w.out_width(), OHW = OH * OW;
   int64_t p = 0;
@@ -88,22 +90,22 @@ PYMETA_INLINE void pool_planes(const scalar_t* in, scalar_t* out, int64_t* idx, 
 }
 
 // Multiversioned entry points (target_clones wants plain functions, not templates).
-PYMETA_MULTIVERSION void pool_planes_float(const float* in, float* out, int64_t* idx, int64_t planes, int64_t W,
+PYMETA_MULTIVERSION void pool_planes_float(const float* in, float* out, int32_t* idx, int64_t planes, int64_t W,
                                            int64_t HW, const Windows& w, float* scratch) {
   pool_planes(in, out, idx, planes, W, HW, w, scratch);
 }
 
-PYMETA_MULTIVERSION void pool_planes_double(const double* in, double* out, int64_t* idx, int64_t planes, int64_t W,
+PYMETA_MULTIVERSION void pool_planes_double(const double* in, double* out, int32_t* idx, int64_t planes, int64_t W,
                                             int64_t HW, const Windows& w, double* scratch) {
   pool_planes(in, out, idx, planes, W, HW, w, scratch);
 }
 
-inline void pool_planes_any(const float* in, float* out, int64_t* idx, int64_t planes, int64_t W, int64_t HW,
+inline void pool_planes_any(const float* in, float* out, int32_t* idx, int64_t planes, int64_t W, int64_t HW,
                             const Windows& w, float* scratch) {
   pool_planes_float(in, out, idx, planes, W, HW, w, scratch);
 }
 
-inline void pool_planes_any(const double* in, double* out, int64_t* idx, int64_t planes, int64_t W, int64_t HW,
+inline void pool_planes_any(const double* in, double* out, int32_t* idx, int64_t planes, int64_t W, int64_t HW,
                             const Windows& w, double* scratch) {
   pool_planes_double(in, out, idx, planes, W, HW, w, scratch);
 }
@@ -119,11 +121,11 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_cpu(const at::Tensor& inp
   const int64_t OH = output_size[0], OW = output_size[1];
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty({N, C, OH, OW}, x.options());
-  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kLong));
+  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_adaptive_max_pool2d", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    int64_t* ix = indices.mutable_data_ptr<int64_t>();
+    int32_t* ix = indices.mutable_data_ptr<int32_t>();
     // Grain: whole blocks, enough planes per task that a small plane's dispatch cost is amortised.
     const int64_t grain = LANES * std::max<int64_t>(1, 16384 / (LANES * H * W));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
@@ -135,13 +137,48 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_cpu(const at::Tensor& inp
   return {out, indices};
 }
 
+// grad_input [N, C, H, W] of grad [N, C, OH, OW]: each plane's gradients added at their
+// indices, outputs in order (ATen's adaptive_max_pool2d_backward order, so overlapping
+// windows sum alike).
+at::Tensor adaptive_max_pool2d_backward_cpu(const at::Tensor& grad, const at::Tensor& indices,
+                                            at::IntArrayRef input_size) {
+  TORCH_CHECK_VALUE(grad.dim() == 4 && indices.sizes() == grad.sizes(),
+                    "grad and indices must be [N, C, OH, OW] of one shape, got ", grad.sizes(), " and ",
+                    indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(input_size.size() == 2 && input_size[0] >= 1 && input_size[1] >= 1,
+                    "input_size must be 2 values >= 1, got ", input_size);
+  const int64_t planes = grad.size(0) * grad.size(1), OHW = grad.size(2) * grad.size(3);
+  const int64_t HW = input_size[0] * input_size[1];
+  const at::Tensor g = grad.contiguous(), ix = indices.contiguous();
+  at::Tensor out = at::zeros({grad.size(0), grad.size(1), input_size[0], input_size[1]}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pymeta_adaptive_max_pool2d_backward",
+                                  [&] {
+    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    const int32_t* at_ = ix.const_data_ptr<int32_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t o = 0; o < OHW; ++o) {
+          const int32_t i = at_[p * OHW + o];
+          TORCH_CHECK_INDEX(i >= 0 && i < HW, "index ", i, " is outside a plane of ", HW, " elements");
+          dst[p * HW + i] += src[p * OHW + o];
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace pymeta
 
 TORCH_LIBRARY_FRAGMENT(pymeta_cpu, m) {
   m.def("adaptive_max_pool2d(Tensor input, int[] output_size) -> (Tensor, Tensor)");
+  m.def("adaptive_max_pool2d_backward(Tensor grad, Tensor indices, int[] input_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pymeta_cpu, CPU, m) {
   m.impl("adaptive_max_pool2d", &pymeta::adaptive_max_pool2d_cpu);
+  m.impl("adaptive_max_pool2d_backward", &pymeta::adaptive_max_pool2d_backward_cpu);
 }

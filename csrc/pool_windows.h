@@ -26,9 +26,10 @@ struct Windows {
   int64_t out_width() const { return static_cast<int64_t>(cols.size()) / 2; }
 };
 
-// One plane [H, W] (row stride W) -> [OH, OW] values and indices.
-template <typename scalar_t>
-void pool_plane(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t W, const Windows& w) {
+// One plane [H, W] (row stride W) -> [OH, OW] values and indices (int64, or int32 for
+// planes of fewer than 2^31 elements).
+template <typename scalar_t, typename index_t>
+void pool_plane(const scalar_t* in, scalar_t* out, index_t* idx, int64_t W, const Windows& w) {
   const int64_t OH = w.out_height(), OW = w.out_width();
   for (int64_t oh = 0; oh < OH; ++oh) {
     const int64_t row0 = w.rows[2 * oh], row1 = w.rows[2 * oh + 1];
@@ -46,7 +47,7 @@ void pool_plane(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t W, cons
         }
       }
       out[oh * OW + ow] = best;
-      idx[oh * OW + ow] = where;
+      idx[oh * OW + ow] = static_cast<index_t>(where);
     }
   }
 }

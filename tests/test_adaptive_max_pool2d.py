@@ -40,11 +40,15 @@ def test_cpp_kernel_equals_aten_bit_for_bit(dtype, shape, output_size):
     x.view(-1)[3 :: 11] = float("-inf")
     out, idx = torch.ops.pymeta_cpu.adaptive_max_pool2d(x, list(output_size))
     ref, ref_idx = torch.ops.aten.adaptive_max_pool2d(x, list(output_size))
-    assert torch.equal(idx, ref_idx)
+    assert idx.dtype == torch.int32 and torch.equal(idx.long(), ref_idx)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
     strided = x.transpose(2, 3)  # made contiguous by the kernel
-    assert torch.equal(torch.ops.pymeta_cpu.adaptive_max_pool2d(strided, list(output_size))[1],
+    assert torch.equal(torch.ops.pymeta_cpu.adaptive_max_pool2d(strided, list(output_size))[1].long(),
                        torch.ops.aten.adaptive_max_pool2d(strided, list(output_size))[1])
+    # Backward: overlapping windows (9 -> 11 columns) add in ATen's order, bit for bit.
+    grad = torch.randn(ref.shape, dtype=dtype)
+    assert torch.equal(torch.ops.pymeta_cpu.adaptive_max_pool2d_backward(grad, idx, list(shape[2:])),
+                       torch.ops.aten.adaptive_max_pool2d_backward(grad, x, ref_idx))
 
 
 @needs_cpp
@@ -56,6 +60,14 @@ def test_cpp_kernel_bad_arguments():
         op(torch.zeros(1, 1, 3, 3), [0, 2])
     with pytest.raises(ValueError, match=r"input planes must not be empty, got shape \[1, 1, 0, 3\]"):
         op(torch.zeros(1, 1, 0, 3), [2, 2])
+    backward = torch.ops.pymeta_cpu.adaptive_max_pool2d_backward
+    grad, idx = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="indices must be int32, got Long"):
+        backward(grad, idx.long(), [3, 3])
+    with pytest.raises(ValueError, match=r"grad and indices must be \[N, C, OH, OW\] of one shape"):
+        backward(grad, idx[0], [3, 3])
+    with pytest.raises(IndexError, match="index 9 is outside a plane of 9 elements"):
+        backward(grad, idx + 9, [3, 3])
 
 
 def test_op_rejects_a_bad_output_size():
@@ -70,3 +82,11 @@ def test_cases_outside_the_fast_path_fall_back_to_f_adaptive_max_pool2d():
     assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
     assert torch.equal(adaptive_max_pool2d(x[0], 5), F.adaptive_max_pool2d(x[0], 5))  # 3-D input
     assert torch.equal(adaptive_max_pool2d(x.half(), 5), F.adaptive_max_pool2d(x.half(), 5))
+
+
+def test_gradient_layout_is_nchw_as_f_adaptive_max_pool2d():
+    """The backward gets a zero-stride stand-in for the input it did not save; the
+    gradient's strides must still be those of F.adaptive_max_pool2d's (NCHW)."""
+    x = with_ties((2, 3, 7, 9)).requires_grad_()
+    ours, theirs = (torch.autograd.grad(f(x, 5).sum(), x)[0] for f in (adaptive_max_pool2d, F.adaptive_max_pool2d))
+    assert ours.stride() == theirs.stride() and torch.equal(ours, theirs)

@@ -95,28 +95,40 @@ def _slower(backend: str, input: Tensor, kernel: list[int], stride: list[int]) -
     return None
 
 
-def save_input_and_indices(ctx: Any, input: Tensor, output: tuple[Tensor, Tensor]) -> None:
-    """Autograd context of a pooling op returning ``(out, indices)``: the input and the
-    indices saved, no gradient of (or for) the indices."""
-    ctx.save_for_backward(input, output[1])
+def _save_indices(ctx: Any, input: Tensor, output: tuple[Tensor, Tensor]) -> None:
+    """Autograd context of a pooling op returning ``(out, indices)``: the indices saved, no
+    gradient of (or for) them. Not the input: the backward is a scatter by the indices
+    and needs only its shape (:func:`_input_like`), and saving it would keep the whole
+    unpooled activation alive until the backward."""
+    ctx.save_for_backward(output[1])
+    ctx.input_shape = input.shape
     ctx.mark_non_differentiable(output[1])
     # No zero-filled "gradient" of the indices output (an int64 tensor of the output's size).
     ctx.set_materialize_grads(False)
 
 
+def _input_like(ctx: Any, grad_out: Tensor) -> Tensor:
+    """A stand-in for the input of :func:`_save_indices`: ATen's pooling backwards read only
+    its shape and layout. One element expanded to the shape (all strides 0), so it costs
+    no memory (a full-size empty tensor made the backward itself the step's peak); its
+    layout reads as not channels-last, so the gradient comes back NCHW, as for the real
+    input (tests/test_max_pool2d.py compares gradients with ``F.max_pool2d``'s)."""
+    return grad_out.new_empty(()).expand(ctx.input_shape)
+
+
 def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int], list[int]], output: tuple[Tensor, Tensor]) -> None:
     input, ctx.kernel, ctx.stride = inputs
-    save_input_and_indices(ctx, input, output)
+    _save_indices(ctx, input, output)
 
 
 def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, None, None]:
     if grad_out is None:
         return None, None, None
-    input, indices = ctx.saved_tensors
+    (indices,) = ctx.saved_tensors
     # NCHW backward (fast); differentiable in grad_out when a graph is being built,
     # so second-order meta-gradients flow through it (ATen's gather by indices).
     grad = torch.ops.aten.max_pool2d_with_indices_backward(
-        grad_out.contiguous(), input, ctx.kernel, ctx.stride, [0, 0], [1, 1], False, indices
+        grad_out.contiguous(), _input_like(ctx, grad_out), ctx.kernel, ctx.stride, [0, 0], [1, 1], False, indices
     )
     return grad, None, None
 

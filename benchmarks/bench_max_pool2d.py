@@ -6,6 +6,10 @@ layout round trip (input to channels-last, output and indices back), and pymeta'
 kernel on the NCHW planes in place (``pymeta_cpu::max_pool2d``). Medians
 of ``--repeats`` interleaved rounds of ``--calls`` calls each.
 
+Part 1b, the same three ways for adaptive max pooling (``pymeta.ops.adaptive_max_pool2d``,
+``pymeta_cpu::adaptive_max_pool2d``) on a Relation Network module's shapes: one task's 75
+queries x 5 classes of 64 x 7 x 7 pair maps to 5 x 5, then 3 x 3 maps to 1 x 1.
+
 Part 2, an A/B of the whole conv4 second-order MAML meta-step (workload (b) of
 ``bench_meta.py``, pymeta ``lowered``, ``task_chunk=1``) with the C++ kernel enabled and
 disabled (``CPP_MIN_WIDTH`` raised out of reach), alternating in one process: the
@@ -40,6 +44,7 @@ max_pool2d_module = importlib.import_module("pymeta.ops.max_pool2d")
 
 SHAPES = [(75, 64, 28, 28), (5, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7)]  # conv4 query / support planes
 WINDOW = ([2, 2], [2, 2])
+ADAPTIVE = [((375, 64, 7, 7), [5, 5]), ((375, 64, 3, 3), [1, 1])]  # RelationNet module: (input, output_size)
 
 
 def aten_nchw(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +86,24 @@ def kernel_rows(repeats: int, calls: int) -> list[dict[str, object]]:
                      "aten_cl_round_trip_ms": 1e3 * med["cl"], "pymeta_cpp_ms": 1e3 * med["cpp"],
                      "cl_over_cpp": med["cl"] / med["cpp"],
                      "used": "cpp" if shape[-1] >= max_pool2d_module.CPP_MIN_WIDTH else "cl"})  # fmt: skip
+    return rows
+
+
+def adaptive_rows(repeats: int, calls: int) -> list[dict[str, object]]:
+    rows = []
+    for shape, size in ADAPTIVE:
+        x = torch.randn(shape)
+        fns = {
+            "nchw": lambda x, size=size: torch.ops.aten.adaptive_max_pool2d(x, size),
+            "cl": lambda x, size=size: [t.contiguous() for t in torch.ops.aten.adaptive_max_pool2d(
+                x.contiguous(memory_format=torch.channels_last), size)],
+            "cpp": lambda x, size=size: torch.ops.pymeta_cpu.adaptive_max_pool2d(x, size),
+        }
+        assert torch.equal(fns["cpp"](x)[1].long(), fns["nchw"](x)[1])  # same argmax before timing
+        med = interleaved_medians(fns, x, repeats, calls)
+        rows.append({"shape": f"{list(shape)} -> {size}", "aten_nchw_ms": 1e3 * med["nchw"],
+                     "aten_cl_round_trip_ms": 1e3 * med["cl"], "pymeta_cpp_ms": 1e3 * med["cpp"],
+                     "cl_over_cpp": med["cl"] / med["cpp"], "nchw_over_cpp": med["nchw"] / med["cpp"]})
     return rows
 
 
@@ -140,6 +163,13 @@ def main() -> None:
                        ("aten_cl_round_trip_ms", "ATen CL+copies ms", "17.3f"),
                        ("pymeta_cpp_ms", "pymeta C++ ms", "13.3f"), ("cl_over_cpp", "CL/C++", "7.2f"),
                        ("used", "used", "4s")])  # fmt: skip
+    adaptive = adaptive_rows(args.repeats, args.calls)
+    write_csv(args.out_dir / f"adaptive_max_pool2d_{args.threads}threads.csv", adaptive)
+    print(f"\nadaptive_max_pool2d forward, {args.threads} thread(s), median of {args.repeats} rounds")
+    print_table(adaptive, [("shape", "shape", "30s"), ("aten_nchw_ms", "ATen NCHW ms", "12.3f"),
+                           ("aten_cl_round_trip_ms", "ATen CL+copies ms", "17.3f"),
+                           ("pymeta_cpp_ms", "pymeta C++ ms", "13.3f"), ("nchw_over_cpp", "NCHW/C++", "8.2f"),
+                           ("cl_over_cpp", "CL/C++", "7.2f")])  # fmt: skip
     if args.steps:
         ab = meta_step_ab(args.steps, max_pool2d_module, "CPP_MIN_WIDTH")
         print(f"\nconv4 2nd-order MAML meta-step (32 tasks, lowered, task_chunk=1), {args.steps} alternating rounds: "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,11 +135,25 @@ def compile_cold(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``torch.compile(fn)`` with Inductor's and AOTAutograd's on-disk caches off, so the
     first call compiles from scratch (the cold compile time a new user sees), and with
     the recompile limit a hard error: a compiled variant must never fall back to eager
-    silently and be timed as compiled."""
+    silently and be timed as compiled.
+
+    Inductor also keeps the C++ it compiled (a code cache, not switched off by
+    ``fx_graph_cache``) in ``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_$USER``:
+    a run that found its kernels there skipped their g++ builds (86 s of a conv4 MAML
+    compile). Each benchmark process compiles into a new empty folder instead (removed at
+    exit), shared by the compiled variants it runs."""
+    import atexit
+    import shutil
+    import tempfile
+
     import torch._dynamo.config
     import torch._functorch.config
     import torch._inductor.config
 
+    if "PYMETA_BENCH_INDUCTOR_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="pymeta-bench-inductor-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["PYMETA_BENCH_INDUCTOR_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.fail_on_recompile_limit_hit = True

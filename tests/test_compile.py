@@ -101,6 +101,31 @@ def test_no_recompile_across_meta_batches_of_the_same_shapes():
     assert maml.strategy is None  # "auto" timed nothing inside the graph: it runs its first candidate
 
 
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_task_chunk_compiles_as_one_graph_equal_to_eager(algo):
+    """``meta_loss(task_chunk=1)`` (an eager memory option: autograd.grad per chunk inside
+    the forward) compiles as one graph over all tasks: fullgraph, no recompile across
+    meta-batches with "auto" (a graph break let the picker time eagerly and recompile the
+    step once it chose), and the eager chunked meta-gradient."""
+    if algo == "maml":
+        learner = pymeta.MAML(conv_bn().double(), lr=0.3, steps=2, strategy="auto", task_chunk=1)
+    else:
+        learner = pymeta.ProtoNet(conv_bn().double()[:-1], strategy="auto", n_way=4, task_chunk=1)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda *ep: learner.outer_loss(*ep, F.cross_entropy), backend=counter, fullgraph=True)
+    episodes = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        episodes.append(classification_episode())
+    compiled = [torch.autograd.grad(step(*episode), params) for episode in episodes]
+    assert counter.frame_count == 1
+    for episode, grads in zip(episodes, compiled, strict=True):  # eager after: "auto" then times eagerly
+        expected = torch.autograd.grad(learner.outer_loss(*episode, F.cross_entropy), params)
+        for g, e in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_label_checks_hold_inside_the_graph():
     maml = pymeta.MAML(conv_bn().double(), lr=0.3, strategy="lowered")
     step = torch.compile(query_loss(maml), backend="aot_eager", fullgraph=True)

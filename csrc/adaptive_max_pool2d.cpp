@@ -1,10 +1,10 @@
 // Adaptive max pooling forward with indices on NCHW CPU tensors: what
-// pymeta.ops.adaptive_max_pool2d's forward runs. ATen's NCHW kernel computes every
-// window's bounds with divisions inside its loop over outputs and is slow on the small
+// pymeta.ops.adaptive_max_pool2d's forward runs. ATen's NCHW kernel is slow on the small
 // planes of a Relation Network's module (the paper's AdaptiveMaxPool2d((5, 5)) on
-// [375, 64, 7, 7] pairs, 1 thread: 32 ms, ~16x its channels-last kernel); this kernel
-// computes the bounds once per call and pools the NCHW planes in place (see
-// benchmarks/bench_max_pool2d.py).
+// [375, 64, 7, 7] pairs, 1 thread: 29 ms, ~16x its channels-last kernel), and so was a
+// plain scalar loop over each plane's windows (21 ms: branch mispredictions, see
+// pool_planes); this kernel pools 8 NCHW planes at a time in place, one per vector lane
+// (3 ms, see benchmarks/bench_max_pool2d.py).
 //
 // Windows as ATen's (aten/src/ATen/native/AdaptivePooling.h): output row oh pools input
 // rows [floor(oh * H / OH), ceil((oh + 1) * H / OH)), columns alike; values and indices

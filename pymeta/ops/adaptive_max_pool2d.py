@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _list_with_default, _pair
 
 from pymeta.ops._factory import FusedOp
-from pymeta.ops.max_pool2d import not_supported
+from pymeta.ops.max_pool2d import not_supported, save_indices
 
 
 def adaptive_max_pool2d(input: Tensor, output_size: Any, return_indices: bool = False) -> Tensor:
@@ -78,23 +78,17 @@ def _check(input: Tensor, output_size: list[int]) -> None:
 
 
 def _setup_context(ctx: Any, inputs: tuple[Tensor, list[int]], output: tuple[Tensor, Tensor]) -> None:
-    # Only the indices (int32: half of ATen's int64 ones) and the input's plane size: the
-    # backward is a scatter by the indices. Saving the input would keep the unpooled
-    # activation alive until the backward (a Relation Network's [Q * N, C, H, W] pairs,
-    # 4.7 MB per task of the benchmark's episodes: with int64 indices, the two were the
-    # step's peak memory above easyfsl's half).
-    input, _ = inputs
-    ctx.save_for_backward(output[1])
-    ctx.input_size = list(input.shape[-2:])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the indices output
+    # Only the indices (int32: half of ATen's int64 ones) and the input's shape: with
+    # int64 indices and the saved input, the two were a RelationNet step's peak memory
+    # above easyfsl's half.
+    save_indices(ctx, inputs[0], output)
 
 
 def _vjp(ctx: Any, grad_out: Tensor | None, _: None) -> tuple[Tensor | None, None]:
     if grad_out is None:
         return None, None
     (indices,) = ctx.saved_tensors
-    return _OP.backward(grad_out, indices, ctx.input_size), None
+    return _OP.backward(grad_out, indices, list(ctx.input_shape[-2:])), None
 
 
 _OP = FusedOp(

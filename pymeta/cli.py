@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import torch
 
-from pymeta import __version__, _settings, checkpoint, distributed, training
+from pymeta import __version__, _malloc, _settings, checkpoint, distributed, training
 from pymeta.algorithms import LEARNERS
 from pymeta.core.batched import STRATEGIES
 
@@ -172,6 +172,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
+    libc = _malloc.glibc()
+    print("CPU allocator: " + (libc if isinstance(libc, str) else (
+        f"glibc; a learner keeps up to {_malloc.TRIM_THRESHOLD >> 20} MiB of freed memory for reuse "
+        f"({_malloc.ENV}={os.environ.get(_malloc.ENV, '1')})")))
     print("op backends:")
     for name, status in ops.backends().items():
         print(f"  {name:10s} {status}")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import _validate
+from pymeta import _malloc, _validate
 from pymeta.core.batched import LossFn, TaskBatched
 from pymeta.core.chunked import chunked_mean_loss
 
@@ -93,6 +93,11 @@ class Learner(nn.Module):
     cli_tasks: ClassVar[tuple[str, ...]] = ("classification", "regression")
     # What the K columns of a [T, K] task_metric are (a plot's axis label); "" for [T].
     metric_columns: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The first learner of the process keeps freed CPU memory for reuse (pymeta._malloc).
+        _malloc.keep_freed_memory()
 
     def __init_subclass__(cls, cli: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

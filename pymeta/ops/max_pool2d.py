@@ -142,3 +142,10 @@ _OP = FusedOp(
     kernels=("cpp",),
     fold_tasks=True,  # images are independent: a vmapped dim folds into N
 )
+
+
+def window_choices(input: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
+    """``(out, indices)`` of ``input: [N, C, H, W]`` (contiguous, float32/float64, no
+    padding), by the kernels above, for callers that route gradients by the indices
+    themselves (:mod:`pymeta.ops.batch_norm_relu_pool`'s differentiable backward)."""
+    return _OP(input, kernel, stride)

@@ -7,9 +7,12 @@ its mmap threshold with fresh ``mmap`` regions and returns free memory at the to
 heap to the OS above its trim threshold (both adapt, up to 32 MiB and 64 MiB: ``man 3
 mallopt``), so each chunk pays a page fault per 4 KiB of its activations. On a 2-core
 AMD EPYC VM a fault cost about 4 us (15 MB: about 14 ms, five times the convolution that
-writes it), and a conv4 2nd-order MAML step took 18% less time with the setting below
-(``benchmarks/bench_meta.py --workloads conv4-maml-2nd``; learn2learn in the same
-process: 10% less). PyTorch's CPU tuning guide gives the same advice for jemalloc or
+writes it): in a fresh process running conv4 2nd-order MAML steps (8 tasks, one per
+chunk) a step took 0.74 s with the setting below and 0.90 s without (learn2learn's step,
+also in a fresh process: 0.97 s and 1.07 s). How much it gains depends on what the
+process did before: glibc raises its thresholds after large blocks are freed, and
+``benchmarks/bench_meta.py``, which runs gradient checks before it times, measured no
+difference. PyTorch's CPU tuning guide gives the same advice for jemalloc or
 tcmalloc (https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html, "Switch
 Memory allocator").
 

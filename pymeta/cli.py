@@ -172,10 +172,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    libc = _malloc.glibc()
-    print("CPU allocator: " + (libc if isinstance(libc, str) else (
-        f"glibc; a learner keeps up to {_malloc.TRIM_THRESHOLD >> 20} MiB of freed memory for reuse "
-        f"({_malloc.ENV}={os.environ.get(_malloc.ENV, '1')})")))
+    kept = _malloc.keep_freed_memory()  # what a learner of this process gets
+    print("CPU allocator: " + (f"glibc, up to {_malloc.TRIM_THRESHOLD >> 20} MiB of freed memory kept for reuse"
+                               if kept is True else f"system defaults: {kept}"))  # fmt: skip
     print("op backends:")
     for name, status in ops.backends().items():
         print(f"  {name:10s} {status}")

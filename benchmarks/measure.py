@@ -280,14 +280,19 @@ def flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of one call of ``fn`` (forward and backward), counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv/attention ops only, by
     design; elementwise ops count zero), with grouped-conv backward corrected
-    (:func:`_conv_backward_flop`)."""
+    (:func:`_conv_backward_flop`).
+
+    A ``torch.compile``'d ``fn`` runs eagerly here (``set_stance("force_eager")``; no
+    effect on an eager ``fn``): under the counter's dispatch mode Dynamo traced pymeta's
+    eager internals frame by frame, and compiled second-order conv4 MAML failed there (a
+    second backward through donated buffers at 2 tasks, the recompile limit at 4)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(
         display=False,
         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
     )
-    with counter:
+    with counter, torch.compiler.set_stance("force_eager"):
         fn()
     return int(counter.get_total_flops())
 

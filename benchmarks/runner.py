@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
 from measure import (
     OpCount,
     count_aten_ops,
@@ -42,8 +41,8 @@ class Entry:
     meta-step, ``torch.compile`` runs the original Python function instead of the
     compiled one while a ``TorchDispatchMode`` is active, so the op counter would count
     the eager step (its peak memory is read on CUDA only, from the allocator, which needs
-    no dispatch mode). ``flops`` of a compiled step are those of the same arithmetic run
-    eagerly. ``cold_s``: wall time of the first call of a compiled step, which traces and
+    no dispatch mode). ``flops`` of a compiled step are counted on an eager call (see
+    :func:`measure.flops`). ``cold_s``: wall time of the first call of a compiled step, which traces and
     compiles forward and backward (Inductor's on-disk caches off, see
     :func:`peers.compile_cold`).
     """
@@ -163,7 +162,7 @@ def prepare(entry: Entry, warmup: int, device: str = "cpu", self_check: bool = F
         elif device == "cuda":
             entry.peak_bytes, seconds = _timed(lambda: peak_memory(meta.step, device), device)
             measured.append(seconds)
-        entry.flops, seconds = _timed(lambda: _eager_flops(meta), device)
+        entry.flops, seconds = _timed(lambda: flops(meta.step), device)
         measured.append(seconds)
         entry.kernels = count_kernel_launches(meta.step, device)
     except Exception as exc:
@@ -194,18 +193,6 @@ def time_round(entry: Entry, min_run_time: float, threads: int, device: str = "c
                 gc.enable()
     timer = Timer("step()", globals={"step": entry.meta.step}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def _eager_flops(meta: MetaStep) -> int:
-    """:func:`flops` of one call of ``meta.step``; a compiled step runs eagerly for it
-    (``torch.compiler.set_stance("force_eager")``): under the counter's dispatch mode
-    Dynamo traced pymeta's eager internals frame by frame, hit the recompile limit (conv4
-    MAML, ``--tasks 4``) or ran a backward compiled with donated buffers twice (``--tasks
-    2``), and the variant was reported as failed after its timing-free warm-up."""
-    if not meta.compiled:
-        return flops(meta.step)
-    with torch.compiler.set_stance("force_eager"):
-        return flops(meta.step)
 
 
 def _ops_and_memory(meta: MetaStep, device: str, self_check: bool) -> tuple[OpCount, int]:

@@ -237,6 +237,20 @@ def _batch_norm_relu_pool_case(mode: str, width: int) -> OpCase:
     )
 
 
+def _grouped_conv2d_case(stride: int, dilation: int) -> OpCase:
+    """3 groups, odd planes; stride 2 leaves a row and a column the transposed convolution
+    of grad x must pad back, and dilation swaps roles with stride in grad weight."""
+    def inputs() -> tuple[Tensor, ...]:
+        return (torch.randn(2, 6, 7, 8, dtype=torch.float64), torch.randn(9, 2, 3, 2, dtype=torch.float64),
+                torch.randn(9, dtype=torch.float64))
+
+    options = dict(stride=stride, padding=1, dilation=dilation, groups=3)
+    return OpCase(
+        f"grouped_conv2d-s{stride}-d{dilation}", inputs, lambda x, w, b: ops.grouped_conv2d(x, w, b, **options),
+        lambda x, w, b: F.conv2d(x, w, b, **options), backends=("reference",),
+    )
+
+
 def _memory_access_case() -> OpCase:
     """One MANN step, T=2 tasks, R=5 rows of width 3, H=2 heads; usages distinct and well
     apart, so finite differences never change which rows are least used."""
@@ -262,4 +276,5 @@ CASES = [
     _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(), _adaptive_max_pool2d_case(),
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
     *(_batch_norm_relu_pool_case(mode, width) for mode in ("train", "eval") for width in (7, 11, 19)),
+    _grouped_conv2d_case(1, 1), _grouped_conv2d_case(2, 2),
 ]

@@ -152,3 +152,18 @@ def test_fused_conv_blocks_run_the_fused_kernel_and_equal_the_loop(mode):
     assert ("batch_norm_relu_pool_backward", "cpp") in {(op, b) for op, b, _, _ in pymeta.ops.usage()}
     for fused, reference in zip(fused_grads, torch.autograd.grad(loop.square().sum(), inputs), strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_second_order_step_runs_as_many_convolutions_for_any_number_of_tasks():
+    """The tasks of a conv layer run as the groups of one convolution, whose double backward
+    ATen computes one group (task) at a time; pymeta.ops.grouped_conv2d's does not, so a
+    second-order meta-step of 5 tasks runs as many convolutions as one of 2 tasks."""
+    from helpers import classification_episode, conv_bn
+
+    def convolutions(tasks: int) -> int:
+        maml = pymeta.MAML(conv_bn().double(), lr=0.3, strategy="lowered")
+        with torch.profiler.profile() as prof:
+            pymeta.algorithms.episode_loss(maml, *classification_episode(tasks), loss_fn=nn.functional.cross_entropy).backward()
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::_convolution", "aten::convolution_backward"))
+
+    assert convolutions(5) == convolutions(2) > 0

@@ -44,6 +44,7 @@ from torch.nn.modules.utils import _pair
 from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
+from pymeta.ops.grouped_conv2d import grouped_conv2d
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
@@ -242,8 +243,11 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
             return out.unflatten(0, (num_tasks, batch))
         weight = _per_task(weight, 4, num_tasks)
         bias = _per_task(bias, 1, num_tasks)
-        # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'].
-        out = F.conv2d(
+        # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'],
+        # differentiated twice without ATen's per-group loop (pymeta.ops.grouped_conv2d;
+        # one group has no loop to avoid, and skips the op's dispatch).
+        conv = grouped_conv2d if num_tasks * module.groups > 1 else F.conv2d
+        out = conv(
             _fold_tasks(x), weight.flatten(0, 1), None if bias is None else bias.flatten(),
             groups=num_tasks * module.groups, **options,
         )

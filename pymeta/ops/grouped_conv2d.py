@@ -1,0 +1,137 @@
+"""A grouped 2-D convolution whose double backward runs no per-group loop.
+
+The ``"lowered"`` strategy runs a conv layer of T tasks as one convolution with the
+tasks as groups (:mod:`pymeta.core.lowered`). Second-order MAML differentiates that
+convolution twice, and ATen's double backward of a grouped convolution
+(``_convolution_double_backward`` in PyTorch's ``FunctionsManual.cpp``) computes its
+weight-gradient term one group at a time: a slice, a convolution and a copy per task
+per layer. Under ``torch.compile`` each one is traced into the graph, where Inductor
+generated C++ kernels per task (conv4 at 32 tasks: 153 kernels, against 52 at one).
+
+This op is ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``. Its
+backward is ATen's ``convolution_backward`` (one oneDNN call per gradient), as two ops
+of its own, ``grouped_conv2d_input_grad`` and ``grouped_conv2d_weight_grad``, whose
+derivatives are again single (grouped) convolutions and convolution backwards. With
+``gO = grad``, ``gx = input_grad(gO, w)``, ``gw = weight_grad(gO, x)``, both linear in
+each argument, and ``ggx``, ``ggw`` the gradients flowing back into them::
+
+    input_grad:   d gO = conv2d(ggx, w)            d w = weight_grad(gO, ggx)
+    weight_grad:  d gO = conv2d(x, ggw)            d x = input_grad(gO, ggw)
+
+(the first-order identities of a convolution, read in the other direction). There are
+no pymeta kernels: every backend is the reference, ATen's convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from pymeta.ops._factory import FusedOp
+
+
+def reference_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """``F.conv2d``: ``x [B, G*Ci, H, W]``, ``weight [G*Co, Ci, kh, kw]`` -> ``[B, G*Co, H', W']``."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def reference_input_grad(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> Tensor:
+    """grad x ``[B, G*Ci, H, W]`` from ``grad: [B, G*Co, H', W']`` (``x``: its shape only)."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
+    )[0]
+
+
+def reference_weight_grad(
+    grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> Tensor:
+    """grad weight ``[G*Co, Ci, kh, kw]`` from ``grad: [B, G*Co, H', W']`` (``weight``: its shape only)."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
+    )[1]
+
+
+def _save_all(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    *tensors, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
+
+
+def _options(ctx: Any) -> tuple[Any, ...]:
+    return ctx.stride, ctx.padding, ctx.dilation, ctx.groups
+
+
+def _forward_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight = ctx.saved_tensors[:2]
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    gx = _INPUT_GRAD(grad, x, weight, *_options(ctx)) if need_x else None
+    gw = _WEIGHT_GRAD(grad, x, weight, *_options(ctx)) if need_weight else None
+    gb = grad.sum((0, 2, 3)) if need_bias else None
+    return gx, gw, gb, None, None, None, None
+
+
+def _input_grad_vjp(ctx: Any, ggx: Tensor) -> tuple[Tensor | None, ...]:
+    grad, _, weight = ctx.saved_tensors  # x: its shape only, in the forward
+    need_grad, _, need_weight = ctx.needs_input_grad[:3]
+    d_grad = F.conv2d(ggx, weight, None, *_options(ctx)) if need_grad else None
+    d_weight = _WEIGHT_GRAD(grad, ggx, weight, *_options(ctx)) if need_weight else None
+    return d_grad, None, d_weight, None, None, None, None
+
+
+def _weight_grad_vjp(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:
+    grad, x, _ = ctx.saved_tensors  # weight: its shape only, in the forward
+    need_grad, need_x = ctx.needs_input_grad[:2]
+    d_grad = F.conv2d(x, ggw, None, *_options(ctx)) if need_grad else None
+    d_x = _INPUT_GRAD(grad, x, ggw, *_options(ctx)) if need_x else None
+    return d_grad, d_x, None, None, None, None, None
+
+
+_OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup_context=_save_all,
+              vjp=_forward_vjp, kernels=())
+_INPUT_GRAD = FusedOp("grouped_conv2d_input_grad", reference_input_grad, fake=reference_input_grad,
+                      setup_context=_save_all, vjp=_input_grad_vjp, kernels=())
+_WEIGHT_GRAD = FusedOp("grouped_conv2d_weight_grad", reference_weight_grad, fake=reference_weight_grad,
+                       setup_context=_save_all, vjp=_weight_grad_vjp, kernels=())
+
+
+# FLOP formulas (torch.utils.flop_counter): a dispatch mode sees these ops, not the ATen
+# convolutions their kernels call, so without them FlopCounterMode counted nothing here.
+# Each gradient takes as many multiply-adds as the forward (ATen's convolution_backward
+# formula, which ignores groups, counts a grouped weight gradient G times over).
+@register_flop_formula(torch.ops.pymeta.grouped_conv2d)
+def _forward_flops(x_shape: Any, w_shape: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+@register_flop_formula([torch.ops.pymeta.grouped_conv2d_input_grad, torch.ops.pymeta.grouped_conv2d_weight_grad])
+def _gradient_flops(grad_shape: Any, x_shape: Any, w_shape: Any, *_: Any, **__: Any) -> int:
+    return conv_flop_count(x_shape, w_shape, grad_shape, transposed=False)
+
+
+def grouped_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (numeric padding)
+    whose double backward runs no per-group loop (see the module docstring).
+
+    Args:
+        x: ``[B, groups * Ci, H, W]``.
+        weight: ``[groups * Co, Ci, kh, kw]``.
+        bias: ``[groups * Co]`` or None.
+        stride, padding, dilation: an int or a pair, as ``F.conv2d``'s.
+
+    Returns:
+        ``[B, groups * Co, H', W']``, differentiable to any order.
+    """
+    stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
+    return _OP(x, weight, bias, stride, padding, dilation, groups)

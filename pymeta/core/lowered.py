@@ -20,7 +20,7 @@ pooling, ``nn.Flatten``, ``nn.Dropout``    tasks folded into the batch dim (max-
                                            :func:`pymeta.ops.adaptive_max_pool2d`)
 elementwise activations                    unchanged (shape-agnostic)
 ``BatchNorm2d, MaxPool2d(2), ReLU`` (either  one fused kernel on CPU planes at least
-order of the last two: conv4's block tail)  :data:`FUSED_MIN_WIDTH` wide
+order of the last two: conv4's block tail)  :data:`FUSED_MIN_WIDTH` wide (compiled: any)
                                            (:func:`pymeta.ops.batch_norm_relu_pool`)
 =========================================  ==============================================
 
@@ -290,15 +290,18 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
 
 def _batch_norm_relu_pool(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, relu: nn.ReLU, prefix: str) -> Layer:
     """``BatchNorm2d, MaxPool2d(2), ReLU`` as :func:`pymeta.ops.batch_norm_relu_pool` where
-    that is faster: CPU float32 / float64 planes at least :data:`FUSED_MIN_WIDTH` wide,
-    eagerly and under ``torch.compile`` alike (Inductor's own loops for the three layers
+    that is faster: CPU float32 / float64 planes, eagerly at least :data:`FUSED_MIN_WIDTH`
+    wide, under ``torch.compile`` at any width (Inductor's own loops for the three layers
     and their double backward were slower: conv4 second-order MAML, 8 tasks, compiled
-    step 1.41 s with them, 0.93 s with the op). Elsewhere the three layers as they are."""
+    step 1.41 s with them, 0.93 s with the op; and generating them for conv4's 7- and
+    3-wide blocks took time: at 32 tasks, cold compile 104 -> 51 s, step 5.2 -> 4.4 s, one
+    paired run). Elsewhere the three layers as they are."""
     separate = [_batch_norm(norm, prefix), _max_pool2d(pool, ""), _lower(relu, "")]
 
     def batch_norm_relu_pool(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         if (
-            x.device.type != "cpu" or x.shape[-1] < FUSED_MIN_WIDTH
+            x.device.type != "cpu"
+            or (x.shape[-1] < FUSED_MIN_WIDTH and not torch.compiler.is_compiling())
             or x.dtype not in (torch.float32, torch.float64)
         ):  # fmt: skip
             for layer in separate:

@@ -181,8 +181,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.workload is not None:
         ops.reset_usage()
         print(f"\nop calls of one meta-step of {_run_workload(args.workload)}:")
-        for op, backend, reason, calls in ops.usage():
-            print(f"  {op:21s} {backend:9s} {calls:4d}x  {reason}")
+        usage = ops.usage()
+        width = max((len(op) for op, *_ in usage), default=0)
+        for op, backend, reason, calls in usage:
+            print(f"  {op:{width}s} {backend:9s} {calls:4d}x  {reason}")
     return 0
 
 

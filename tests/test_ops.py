@@ -10,6 +10,7 @@ meta-step takes its inner gradients); and the backend each call ran on, with its
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -244,8 +245,17 @@ def test_pymeta_info_prints_the_backend_each_op_of_a_workload_used(capsys) -> No
     assert cli.main(["info", "--workload", "sinusoid"]) == 0
     out = capsys.readouterr().out
     assert "op calls of one meta-step of sinusoid" in out
-    assert ("inner_sgd             reference    1x  at most 65536 elements on CPU: plain torch ops, cheaper than the "
-            "op call") in out
+    # Columns as wide as the longest op name of the table.
+    assert re.search(r"\n  inner_sgd +reference +1x  at most 65536 elements on CPU: plain torch ops, cheaper than "
+                     r"the op call\n", out)
+
+
+def test_an_op_without_kernels_runs_its_reference_and_says_why() -> None:
+    """grouped_conv2d has no pymeta kernels: its reference (ATen) is not a fallback."""
+    from pymeta.ops import _backends
+
+    assert _backends.choose(torch.device("cpu"), ()) == (
+        "reference", "the op has no kernels: its reference (ATen) is its implementation")
 
 
 def test_layouts_check_ndim_and_dims_named_alike() -> None:

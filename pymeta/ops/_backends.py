@@ -141,6 +141,8 @@ def choose(
         return forced, "forced (PYMETA_BACKEND or force_backend)"
     if no_gpu_kernels:
         return "reference", f"a CUDA graph is being captured and {uncapturable}"
+    if not kernels:
+        return "reference", "the op has no kernels: its reference (ATen) is its implementation"
     skipped = []
     for backend in ("triton", "cuda") if device.type == "cuda" else ("cpp",):
         if backend not in kernels:

@@ -238,8 +238,8 @@ def _batch_norm_relu_pool_case(mode: str, width: int) -> OpCase:
 
 
 def _grouped_conv2d_case(stride: int, dilation: int) -> OpCase:
-    """3 groups, odd planes; stride 2 leaves a row and a column the transposed convolution
-    of grad x must pad back, and dilation swaps roles with stride in grad weight."""
+    """3 groups, an odd plane height, a non-square kernel; ``stride`` and ``dilation`` reach
+    ATen's convolution_backward and the double-backward convolutions alike."""
     def inputs() -> tuple[Tensor, ...]:
         return (torch.randn(2, 6, 7, 8, dtype=torch.float64), torch.randn(9, 2, 3, 2, dtype=torch.float64),
                 torch.randn(9, dtype=torch.float64))

@@ -251,11 +251,11 @@ def test_pymeta_info_prints_the_backend_each_op_of_a_workload_used(capsys) -> No
 
 
 def test_an_op_without_kernels_runs_its_reference_and_says_why() -> None:
-    """grouped_conv2d has no pymeta kernels: its reference (ATen) is not a fallback."""
+    """An op without kernels (grouped_conv2d: ATen's convolution) says its reference is not a fallback."""
     from pymeta.ops import _backends
 
     assert _backends.choose(torch.device("cpu"), ()) == (
-        "reference", "the op has no kernels: its reference (ATen) is its implementation")
+        "reference", "the op has no kernels: its reference is its implementation")
 
 
 def test_layouts_check_ndim_and_dims_named_alike() -> None:

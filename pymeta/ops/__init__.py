@@ -7,8 +7,8 @@ temporary), ``max_pool2d`` and ``adaptive_max_pool2d`` (``F.max_pool2d`` and
 ``relation_pairs`` (a Relation Network's first BatchNorm and ReLU over every (query,
 class) pair, no ``[Q * N, 2C, H, W]`` pairs), ``batch_norm_relu_pool`` (a conv4
 block's BatchNorm, ReLU and 2x2 max-pooling in one pass), ``memory_access`` (one MANN step: LRU
-write and cosine reads) and ``grouped_conv2d`` (``F.conv2d`` whose derivatives of every
-order are single convolutions: the tasks-as-groups convolution of second-order MAML). ``backends()`` says which backends run here and why the others
+write and cosine reads) and ``grouped_conv2d`` (``F.conv2d`` whose double backward runs no
+per-group loop: the tasks-as-groups convolution of second-order MAML). ``backends()`` says which backends run here and why the others
 do not; ``usage()`` which backend each op call of this process ran on, and why.
 """
 

@@ -142,7 +142,7 @@ def choose(
     if no_gpu_kernels:
         return "reference", f"a CUDA graph is being captured and {uncapturable}"
     if not kernels:
-        return "reference", "the op has no kernels: its reference (ATen) is its implementation"
+        return "reference", "the op has no kernels: its reference is its implementation"
     skipped = []
     for backend in ("triton", "cuda") if device.type == "cuda" else ("cpp",):
         if backend not in kernels:

@@ -47,18 +47,23 @@ def reference_input_grad(
     grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
 ) -> Tensor:
     """grad x ``[B, G*Ci, H, W]`` from ``grad: [B, G*Co, H', W']`` (``x``: its shape only)."""
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
-    )[0]
+    return _convolution_backward(0, grad, x, weight, stride, padding, dilation, groups)
 
 
 def reference_weight_grad(
     grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int
 ) -> Tensor:
     """grad weight ``[G*Co, Ci, kh, kw]`` from ``grad: [B, G*Co, H', W']`` (``weight``: its shape only)."""
+    return _convolution_backward(1, grad, x, weight, stride, padding, dilation, groups)
+
+
+def _convolution_backward(which: int, grad: Tensor, x: Tensor, weight: Tensor, *options: Any) -> Tensor:
+    """Gradient ``which`` (0: x, 1: weight) of ATen's ``convolution_backward``, the only one it computes."""
+    stride, padding, dilation, groups = options
+    mask = [i == which for i in range(3)]
     return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
-    )[1]
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
+    )[which]
 
 
 def _save_all(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

@@ -23,11 +23,13 @@ each pass over a channel's values finds them in the cache, and it never material
 the normalised activation, the pooling indices or a zero-filled gradient: forward and
 backward each read the input about once from memory. Its backward saves only the input
 and the output (which the next convolution keeps anyway). The op is the custom op
-``pymeta::batch_norm_relu_pool`` with the fused backward op
-``pymeta::batch_norm_relu_pool_backward``, both made by
-:class:`pymeta.ops._factory.FusedOp`; the references below are the implementation
-elsewhere (GPU: cuDNN's BatchNorm and ATen's pooling) and the backward of a
-``create_graph=True`` pass (second-order MAML differentiates through it).
+``pymeta::batch_norm_relu_pool``, whose vjp is the op
+``pymeta::batch_norm_relu_pool_backward``, whose vjp in turn is
+``pymeta::batch_norm_relu_pool_backward_backward`` (what second-order MAML runs in its
+outer backward), each with a C++ kernel and each made by
+:class:`pymeta.ops._factory.FusedOp`. The references below are the implementation
+elsewhere (GPU: cuDNN's BatchNorm and ATen's pooling) and, differentiable, the third
+derivative's.
 
 Where results differ from the three ATen ops: values are the same up to rounding (the
 kernel centres x on the mean before scaling, as ATen does, in its own order of sums);
@@ -108,6 +110,69 @@ def reference_backward(
     return (gxhat * invstd).to(x.dtype), g_weight.to(weight.dtype), g_bias.to(bias.dtype)
 
 
+def reference_double_backward(
+    gg_x: Tensor,
+    gg_weight: Tensor,
+    gg_bias: Tensor,
+    grad: Tensor,
+    x: Tensor,
+    out: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's vjp: gradients ``(grad, x [B, C, H, W], weight [C])`` of
+    ``<gg_x, grad x> + <gg_weight, grad weight> + <gg_bias, grad bias>``.
+
+    What a second-order meta-gradient runs through every block. It is BatchNorm's double
+    backward (as ATen's ``batchnorm_double_backward``, FunctionsManual.cpp) around the
+    routing of ``grad`` to the window choices: with ``gy`` the routed gradient, ``a =
+    gg_x``, per-channel sums ``S`` over the ``M`` positions, ``s = invstd`` and ``t = 1 / M``
+    in train mode (0 in eval mode, where the statistics do not depend on ``x``)::
+
+        d gy     = w s (a - t Sa - t xhat Sax) + gg_weight xhat + gg_bias, gathered at the choices
+        d weight = s (Sga - t (Sa Sg + Sax Sgx))
+        d x      = w s^2 t (xhat (t Sa Sg - Sga + 3 t Sgx Sax) + t (Sax Sg + Sgx Sa) - Sax gy - Sgx a)
+                   + gg_weight s (gy - t Sg - t xhat Sgx)
+
+    (``Sga = sum gy a``, ``Sgx = sum gy xhat``, ...). ``grad`` 's ReLU mask and window
+    choices are piecewise constant and ``bias`` only moves the choices: ``out`` and
+    ``bias`` get no gradient. Built from differentiable torch ops (third order).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    train = running_mean is None
+    if train:
+        mean = xa.mean(_DIMS, keepdim=True)
+        var = (xa - mean).square().mean(_DIMS, keepdim=True)
+    else:
+        mean, var = _channel(running_mean, acc), _channel(running_var, acc)
+    s = torch.rsqrt(var + eps)
+    xhat = (xa - mean) * s
+    w, gw, gb = _channel(weight, acc), _channel(gg_weight, acc), _channel(gg_bias, acc)
+    y = xhat * w + _channel(bias, acc)
+    _, where = window_choices(y.detach().contiguous(), [2, 2], [2, 2])
+    mask = out > 0
+    gz = torch.where(mask, grad.to(acc), 0)
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(gz, y.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False, where)
+    a = gg_x.to(acc)
+    t = 1.0 / (x.shape[0] * x.shape[2] * x.shape[3]) if train else 0.0
+
+    def total(v: Tensor) -> Tensor:
+        return v.sum(_DIMS, keepdim=True)
+
+    s_g, s_gx, s_a, s_ax, s_ga = total(gy), total(gy * xhat), total(a), total(a * xhat), total(gy * a)
+    d_gy = w * s * (a - t * s_a - t * xhat * s_ax) + gw * xhat + gb
+    d_grad = torch.where(mask, d_gy.flatten(2).gather(2, where.flatten(2)).view_as(gz), 0)
+    d_weight = s * (s_ga - t * (s_a * s_g + s_ax * s_gx))
+    d_x = (w * s * s * t * (xhat * (t * s_a * s_g - s_ga + 3 * t * s_gx * s_ax) + t * (s_ax * s_g + s_gx * s_a)
+                            - s_ax * gy - s_gx * a)
+           + gw * s * (gy - t * s_g - t * xhat * s_gx))
+    return d_grad.to(grad.dtype), d_x.to(x.dtype), d_weight.view(-1).to(weight.dtype)
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     *tensors, ctx.eps = inputs
     ctx.save_for_backward(*tensors, output)
@@ -115,8 +180,18 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, weight, bias, running_mean, running_var, out = ctx.saved_tensors
-    grads = _OP.backward(grad, x, out, weight, bias, running_mean, running_var, ctx.eps)
+    grads = _BACKWARD(grad, x, out, weight, bias, running_mean, running_var, ctx.eps)
     return (*grads, None, None, None)  # running statistics are buffers: no gradient
+
+
+def _backward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _backward_vjp(ctx: Any, gg_x: Tensor, gg_weight: Tensor, gg_bias: Tensor) -> tuple[Tensor | None, ...]:
+    d_grad, d_x, d_weight = _BACKWARD.backward(gg_x, gg_weight, gg_bias, *ctx.saved_tensors, ctx.eps)
+    return d_grad, d_x, None, d_weight, None, None, None, None  # out, bias: piecewise constant (see above)
 
 
 def _fake(x: Tensor, *_: Any) -> Tensor:
@@ -128,18 +203,31 @@ def _backward_fake(grad: Tensor, x: Tensor, out: Tensor, weight: Tensor, bias: T
     return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
-def _not_supported(backend: str, x: Tensor, *_: Any) -> str | None:
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"the C++ kernel takes float32 and float64, got {x.dtype}"
+def _double_backward_fake(gg_x: Tensor, gg_weight: Tensor, gg_bias: Tensor, grad: Tensor, x: Tensor,
+                          *_: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return grad.new_empty(grad.shape), x.new_empty(x.shape), gg_weight.new_empty(gg_weight.shape)
+
+
+def _not_supported(backend: str, first: Tensor, *_: Any) -> str | None:
+    """For each of the three ops: their tensors all have x's dtype."""
+    if first.dtype not in (torch.float32, torch.float64):
+        return f"the C++ kernel takes float32 and float64, got {first.dtype}"
     return None
 
 
-_OP = FusedOp(
-    "batch_norm_relu_pool", reference_forward, fake=_fake,
-    backward=reference_backward, backward_fake=_backward_fake,
-    setup_context=_setup_context, vjp=_vjp,
+# Three ops, each the vjp of the one before: the backward is an op with a formula of its
+# own, not a graph of torch ops, so a second-order step (eager or compiled) runs two fused
+# kernels per block where the backward's graph had about twenty ATen (or Inductor) kernels.
+_BACKWARD = FusedOp(
+    "batch_norm_relu_pool_backward", reference_backward, fake=_backward_fake,
+    backward=reference_double_backward, backward_fake=_double_backward_fake,
+    setup_context=_backward_setup_context, vjp=_backward_vjp,
     not_supported=_not_supported, backward_not_supported=_not_supported,
     kernels=("cpp",),
+)
+_OP = FusedOp(
+    "batch_norm_relu_pool", reference_forward, fake=_fake, setup_context=_setup_context, vjp=_vjp,
+    not_supported=_not_supported, kernels=("cpp",),
 )
 
 

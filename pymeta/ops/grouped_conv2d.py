@@ -18,8 +18,10 @@ each argument, and ``ggx``, ``ggw`` the gradients flowing back into them::
     input_grad:   d gO = conv2d(ggx, w)            d w = weight_grad(gO, ggx)
     weight_grad:  d gO = conv2d(x, ggw)            d x = input_grad(gO, ggw)
 
-(the first-order identities of a convolution, read in the other direction). There are
-no pymeta kernels: every backend is the reference, ATen's convolution.
+(the first-order identities of a convolution, read in the other direction; ``conv2d``
+is this op again, so a compiled graph holds no ``aten.convolution``, for which Inductor
+generates a layout-conversion kernel per input). There are no pymeta kernels: every
+backend is the reference, ATen's convolution.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _forward_vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
 def _input_grad_vjp(ctx: Any, ggx: Tensor) -> tuple[Tensor | None, ...]:
     grad, _, weight = ctx.saved_tensors  # x: its shape only, in the forward
     need_grad, _, need_weight = ctx.needs_input_grad[:3]
-    d_grad = F.conv2d(ggx, weight, None, *_options(ctx)) if need_grad else None
+    d_grad = _OP(ggx, weight, None, *_options(ctx)) if need_grad else None
     d_weight = _WEIGHT_GRAD(grad, ggx, weight, *_options(ctx)) if need_weight else None
     return d_grad, None, d_weight, None, None, None, None
 
@@ -95,7 +97,7 @@ def _input_grad_vjp(ctx: Any, ggx: Tensor) -> tuple[Tensor | None, ...]:
 def _weight_grad_vjp(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:
     grad, x, _ = ctx.saved_tensors  # weight: its shape only, in the forward
     need_grad, need_x = ctx.needs_input_grad[:2]
-    d_grad = F.conv2d(x, ggw, None, *_options(ctx)) if need_grad else None
+    d_grad = _OP(x, ggw, None, *_options(ctx)) if need_grad else None
     d_x = _INPUT_GRAD(grad, x, ggw, *_options(ctx)) if need_x else None
     return d_grad, d_x, None, None, None, None, None
 

@@ -41,7 +41,7 @@ normalised values never differ).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,22 +67,23 @@ def reference_forward(
     return torch.relu(F.max_pool2d(y, 2))
 
 
-def reference_backward(
-    grad: Tensor,
-    x: Tensor,
-    out: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(x [B, C, H, W], weight [C], bias [C])`` from ``grad: [B, C, H // 2, W // 2]``.
+class _Routed(NamedTuple):
+    """What both references need: x normalised, and grad routed to the window choices."""
 
-    Built from differentiable torch ops, so it also serves as the backward of a
-    ``create_graph=True`` pass. The ReLU mask (``out > 0``) and the pooling window's
-    choice are piecewise constant: they need no derivative.
-    """
+    xhat: Tensor  # [B, C, H, W], in the accumulation dtype
+    invstd: Tensor  # [1, C, 1, 1]
+    w: Tensor  # weight, [1, C, 1, 1]
+    mask: Tensor  # out > 0, [B, C, H // 2, W // 2]
+    where: Tensor  # each window's choice (flat index in its plane), [B, C, H // 2, W // 2]
+    gy: Tensor  # grad where mask, routed to the choices: [B, C, H, W]
+
+
+def _routed(
+    grad: Tensor, x: Tensor, out: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, eps: float,
+) -> _Routed:
+    """Differentiable in ``grad``, ``x`` and ``weight``; the ReLU mask (``out > 0``) and the
+    window choices are piecewise constant: they need no derivative."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xa = x.to(acc)
     if running_mean is None:
@@ -100,14 +101,35 @@ def reference_backward(
     # as slow as the rest of this backward together), gz routed to them by ATen's NCHW
     # pooling backward: linear in gz, its own derivative a gather by the same indices.
     _, where = window_choices(y.detach().contiguous(), [2, 2], [2, 2])
-    gz = torch.where(out > 0, grad.to(acc), 0)
+    mask = out > 0
+    gz = torch.where(mask, grad.to(acc), 0)
     gy = torch.ops.aten.max_pool2d_with_indices_backward(gz, y.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False, where)
+    return _Routed(xhat, invstd, w, mask, where, gy)
+
+
+def reference_backward(
+    grad: Tensor,
+    x: Tensor,
+    out: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(x [B, C, H, W], weight [C], bias [C])`` from ``grad: [B, C, H // 2, W // 2]``.
+
+    The backward op wherever no kernel runs (the reference backend, other devices); its
+    derivative is :func:`reference_double_backward`, not autograd through this code.
+    """
+    r = _routed(grad, x, out, weight, bias, running_mean, running_var, eps)
+    gy, xhat = r.gy, r.xhat
     g_bias = gy.sum(_DIMS)
     g_weight = (gy * xhat).sum(_DIMS)
-    gxhat = gy * w
+    gxhat = gy * r.w
     if running_mean is None:  # the batch statistics depend on every input of the channel
         gxhat = gxhat - gxhat.mean(_DIMS, keepdim=True) - xhat * (gxhat * xhat).mean(_DIMS, keepdim=True)
-    return (gxhat * invstd).to(x.dtype), g_weight.to(weight.dtype), g_bias.to(bias.dtype)
+    return (gxhat * r.invstd).to(x.dtype), g_weight.to(weight.dtype), g_bias.to(bias.dtype)
 
 
 def reference_double_backward(
@@ -141,31 +163,18 @@ def reference_double_backward(
     choices are piecewise constant and ``bias`` only moves the choices: ``out`` and
     ``bias`` get no gradient. Built from differentiable torch ops (third order).
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
-    xa = x.to(acc)
-    train = running_mean is None
-    if train:
-        mean = xa.mean(_DIMS, keepdim=True)
-        var = (xa - mean).square().mean(_DIMS, keepdim=True)
-    else:
-        mean, var = _channel(running_mean, acc), _channel(running_var, acc)
-    s = torch.rsqrt(var + eps)
-    xhat = (xa - mean) * s
-    w, gw, gb = _channel(weight, acc), _channel(gg_weight, acc), _channel(gg_bias, acc)
-    y = xhat * w + _channel(bias, acc)
-    _, where = window_choices(y.detach().contiguous(), [2, 2], [2, 2])
-    mask = out > 0
-    gz = torch.where(mask, grad.to(acc), 0)
-    gy = torch.ops.aten.max_pool2d_with_indices_backward(gz, y.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False, where)
-    a = gg_x.to(acc)
-    t = 1.0 / (x.shape[0] * x.shape[2] * x.shape[3]) if train else 0.0
+    r = _routed(grad, x, out, weight, bias, running_mean, running_var, eps)
+    gy, xhat, s, w = r.gy, r.xhat, r.invstd, r.w
+    gw, gb = _channel(gg_weight, gy.dtype), _channel(gg_bias, gy.dtype)
+    a = gg_x.to(gy.dtype)
+    t = 1.0 / (x.shape[0] * x.shape[2] * x.shape[3]) if running_mean is None else 0.0
 
     def total(v: Tensor) -> Tensor:
         return v.sum(_DIMS, keepdim=True)
 
     s_g, s_gx, s_a, s_ax, s_ga = total(gy), total(gy * xhat), total(a), total(a * xhat), total(gy * a)
     d_gy = w * s * (a - t * s_a - t * xhat * s_ax) + gw * xhat + gb
-    d_grad = torch.where(mask, d_gy.flatten(2).gather(2, where.flatten(2)).view_as(gz), 0)
+    d_grad = torch.where(r.mask, d_gy.flatten(2).gather(2, r.where.flatten(2)).view_as(grad), 0)
     d_weight = s * (s_ga - t * (s_a * s_g + s_ax * s_gx))
     d_x = (w * s * s * t * (xhat * (t * s_a * s_g - s_ga + 3 * t * s_gx * s_ax) + t * (s_ax * s_g + s_gx * s_a)
                             - s_ax * gy - s_gx * a)

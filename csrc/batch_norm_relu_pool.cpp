@@ -596,6 +596,15 @@ inline void double_backward_channel_any(const double* ggx, const double* ggw, co
   double_backward_channel_double(ggx, ggw, ggb, grad, x, out, dgrad, dx, dw, s, c, w, rm, rv, eps);
 }
 
+// Two per-channel tensors ([C], x's dtype), named together by `what` in the error.
+void check_per_channel(const char* what, const at::Tensor& first, const at::Tensor& second, const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  for (const at::Tensor* p : {&first, &second}) {
+    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x.scalar_type(), what,
+                      " must be [C] = [", C, "] of x's dtype, got shape ", p->sizes());
+  }
+}
+
 Shape check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -604,18 +613,10 @@ Shape check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                     "x must be [B, C, H, W] with H, W >= 2, got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu(), "the cpp backend runs on CPU tensors, got ", x.device());
   const int64_t C = x.size(1);
-  for (const at::Tensor* p : {&weight, &bias}) {
-    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x.scalar_type(),
-                      "weight and bias must be [C] = [", C, "] of x's dtype, got shape ", p->sizes());
-  }
+  check_per_channel("weight and bias", weight, bias, x);
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean and running_var must be given together or both be None");
-  if (running_mean.has_value()) {
-    for (const at::Tensor* p : {&*running_mean, &*running_var}) {
-      TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x.scalar_type(),
-                        "running statistics must be [C] = [", C, "] of x's dtype, got shape ", p->sizes());
-    }
-  }
+  if (running_mean.has_value()) check_per_channel("running statistics", *running_mean, *running_var, x);
   return {x.size(0), C, x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
 }
 
@@ -686,10 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_pool_backward_bac
   check_pooled(grad_in, out_in, input, s);
   TORCH_CHECK_VALUE(gg_x_in.sizes() == input.sizes() && gg_x_in.scalar_type() == input.scalar_type(),
                     "gg_x must have x's shape ", input.sizes(), " and dtype, got shape ", gg_x_in.sizes());
-  for (const at::Tensor* p : {&gg_weight_in, &gg_bias_in}) {
-    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == s.C && p->scalar_type() == input.scalar_type(),
-                      "gg_weight and gg_bias must be [C] = [", s.C, "] of x's dtype, got shape ", p->sizes());
-  }
+  check_per_channel("gg_weight and gg_bias", gg_weight_in, gg_bias_in, input);
   const at::Tensor x = input.contiguous(), grad = grad_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gg_x = gg_x_in.contiguous(), gg_w = gg_weight_in.contiguous(), gg_b = gg_bias_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();

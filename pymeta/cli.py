@@ -222,7 +222,7 @@ def cmd_build_ext(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-BENCHMARKS = {"ops": ["bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py", "bench_batch_norm_relu_pool.py"], "meta": ["bench_meta.py"],
+BENCHMARKS = {"ops": ["bench_inner_sgd.py", "bench_proto.py", "bench_max_pool2d.py", "bench_batch_norm_relu_pool.py", "bench_grouped_conv2d.py"], "meta": ["bench_meta.py"],
               "gpu": ["gpu_check.sh"]}
 
 

@@ -44,7 +44,7 @@ from torch.nn.modules.utils import _pair
 from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
-from pymeta.ops.grouped_conv2d import grouped_conv2d
+from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, grouped_conv2d
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
@@ -234,19 +234,23 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         )
     get = _getter(module, prefix)
     options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    # An image model's first layer (grey or colour images): a C++ weight gradient (CPU).
+    few_inputs = module.in_channels // module.groups <= MAX_KERNEL_INPUT_CHANNELS
 
     def conv2d(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
         num_tasks, batch = x.shape[:2]
         if weight.dim() == 4 and (bias is None or bias.dim() == 1):  # all shared
-            out = F.conv2d(x.flatten(0, 1), weight, bias, groups=module.groups, **options)
+            conv = grouped_conv2d if module.groups > 1 or few_inputs else F.conv2d
+            out = conv(x.flatten(0, 1), weight, bias, groups=module.groups, **options)
             return out.unflatten(0, (num_tasks, batch))
         weight = _per_task(weight, 4, num_tasks)
         bias = _per_task(bias, 1, num_tasks)
         # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'],
         # differentiated twice without ATen's per-group loop (pymeta.ops.grouped_conv2d;
-        # one group has no loop to avoid, and skips the op's dispatch).
-        conv = grouped_conv2d if num_tasks * module.groups > 1 else F.conv2d
+        # one group has no loop to avoid, and skips the op's dispatch unless the op's
+        # weight gradient has a kernel for its few input channels).
+        conv = grouped_conv2d if num_tasks * module.groups > 1 or few_inputs else F.conv2d
         out = conv(
             _fold_tasks(x), weight.flatten(0, 1), None if bias is None else bias.flatten(),
             groups=num_tasks * module.groups, **options,

@@ -20,8 +20,14 @@ each argument, and ``ggx``, ``ggw`` the gradients flowing back into them::
 
 (the first-order identities of a convolution, read in the other direction; ``conv2d``
 is this op again, so a compiled graph holds no ``aten.convolution``, for which Inductor
-generates a layout-conversion kernel per input). There are no pymeta kernels: every
-backend is the reference, ATen's convolution.
+generates a layout-conversion kernel per input).
+
+Kernels: ATen's convolution is the reference. On CPU, the forward and the weight
+gradient of a stride-1 convolution with at most :data:`MAX_KERNEL_INPUT_CHANNELS` input
+channels per group (an image model's first layer) run C++ kernels
+(``csrc/grouped_conv2d.cpp``): oneDNN is slow there (conv4 on ``[75, 1, 28, 28]``
+Omniglot images, 1 thread: weight gradient 11-22 ms for 68 MFLOP, against 2.5-3 ms).
+The input gradient always runs ATen's (a first layer's input, the images, needs none).
 """
 
 from __future__ import annotations
@@ -102,12 +108,39 @@ def _weight_grad_vjp(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:
     return d_grad, d_x, None, None, None, None, None
 
 
+# The C++ kernels (csrc/grouped_conv2d.cpp) are for an image model's first layer, grey or
+# colour images. With more input channels per group oneDNN's kernels are the faster ones
+# (1 thread, [75, Ci, 14, 14] by 64 3x3 filters: at Ci = 4 about as fast, at Ci = 8
+# twice as fast, as the C++ loops; benchmarks/bench_grouped_conv2d.py).
+MAX_KERNEL_INPUT_CHANNELS = 3
+
+
+def _not_supported(backend: str, x: Tensor, stride: list[int], dilation: list[int]) -> str | None:
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"the {backend} kernels take float32 and float64, not {x.dtype}"
+    if stride != [1, 1] or dilation != [1, 1]:
+        return f"the {backend} kernels compute stride-1, dilation-1 convolutions, not stride {stride}, dilation {dilation}"
+    return None
+
+
+def _slower(weight: Tensor) -> str | None:
+    if weight.shape[1] > MAX_KERNEL_INPUT_CHANNELS:
+        return f"{weight.shape[1]} input channels per group: oneDNN's kernels are faster above {MAX_KERNEL_INPUT_CHANNELS}"
+    return None
+
+
 _OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup_context=_save_all,
-              vjp=_forward_vjp, kernels=())
+              vjp=_forward_vjp, kernels=("cpp",),
+              not_supported=lambda backend, x, weight, bias, stride, padding, dilation, groups: _not_supported(
+                  backend, x, stride, dilation),
+              slower=lambda backend, x, weight, *_: _slower(weight))
 _INPUT_GRAD = FusedOp("grouped_conv2d_input_grad", reference_input_grad, fake=reference_input_grad,
                       setup_context=_save_all, vjp=_input_grad_vjp, kernels=())
 _WEIGHT_GRAD = FusedOp("grouped_conv2d_weight_grad", reference_weight_grad, fake=reference_weight_grad,
-                       setup_context=_save_all, vjp=_weight_grad_vjp, kernels=())
+                       setup_context=_save_all, vjp=_weight_grad_vjp, kernels=("cpp",),
+                       not_supported=lambda backend, grad, x, weight, stride, padding, dilation, groups: _not_supported(
+                           backend, x, stride, dilation),
+                       slower=lambda backend, grad, x, weight, *_: _slower(weight))
 
 
 # FLOP formulas (torch.utils.flop_counter): a dispatch mode sees these ops, not the ATen

@@ -252,6 +252,31 @@ def _grouped_conv2d_case(stride: int, dilation: int) -> OpCase:
     )
 
 
+def _conv2d_batch_norm_relu_pool_case(mode: str) -> OpCase:
+    """Two groups of one input channel (the images: not differentiated, as in a model's
+    first layer), a 3x2 kernel, a 5 x 9 output with a row and a column pooled away; the
+    conv weights, conv bias and BatchNorm's weight and bias are the inputs."""
+    C = 4
+    x = torch.rand(2, 2, 5, 8, dtype=torch.float64)
+    running = (None, None) if mode == "train" else (torch.randn(C, dtype=torch.float64),
+                                                     torch.rand(C, dtype=torch.float64) + 0.5)
+    options = dict(padding=(1, 1), groups=2)
+
+    def inputs() -> tuple[Tensor, ...]:
+        return (torch.randn(C, 1, 3, 2, dtype=torch.float64), torch.randn(C, dtype=torch.float64),
+                torch.tensor([1.5, -0.8, 0.6, 1.1], dtype=torch.float64), torch.randn(C, dtype=torch.float64))
+
+    def plain(cw: Tensor, cb: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        y = F.conv2d(x, cw, cb, **options)
+        return F.relu(F.max_pool2d(F.batch_norm(y, *running, w, b, training=mode == "train"), 2))
+
+    return OpCase(
+        f"conv2d_batch_norm_relu_pool-{mode}", inputs,
+        lambda cw, cb, w, b: ops.conv2d_batch_norm_relu_pool(x, cw, cb, w, b, *running, **options),
+        plain, backends=("reference", "cpp"),
+    )
+
+
 def _memory_access_case() -> OpCase:
     """One MANN step, T=2 tasks, R=5 rows of width 3, H=2 heads; usages distinct and well
     apart, so finite differences never change which rows are least used."""
@@ -278,4 +303,5 @@ CASES = [
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
     *(_batch_norm_relu_pool_case(mode, width) for mode in ("train", "eval") for width in (7, 11, 19)),
     _grouped_conv2d_case(1, 1), _grouped_conv2d_case(2, 2),
+    *(_conv2d_batch_norm_relu_pool_case(mode) for mode in ("train", "eval")),
 ]

@@ -114,11 +114,17 @@ def _lower(module: nn.Module, prefix: str) -> Layer:
 
 
 def _lower_children(children: list[tuple[str, nn.Module]], prefix: str) -> list[Layer]:
-    """Each child lowered, a ``BatchNorm2d, MaxPool2d(2), ReLU`` run as one fused layer."""
+    """Each child lowered, a ``BatchNorm2d, MaxPool2d(2), ReLU`` run as one fused layer,
+    with the ``Conv2d`` before it when that is a first layer (:func:`_is_first_conv`)."""
     layers, i = [], 0
     while i < len(children):
         name, child = children[i]
-        if _is_norm_pool_relu([module for _, module in children[i : i + 3]]):
+        if _is_first_conv(child) and _is_norm_pool_relu([module for _, module in children[i + 1 : i + 4]]):
+            tail_name = children[i + 1][0]
+            tail = [module for _, module in children[i + 1 : i + 4]]
+            layers.append(_conv_batch_norm_relu_pool(child, f"{prefix}{name}.", tail, f"{prefix}{tail_name}."))
+            i += 4
+        elif _is_norm_pool_relu([module for _, module in children[i : i + 3]]):
             layers.append(_batch_norm_relu_pool(*(module for _, module in children[i : i + 3]), f"{prefix}{name}."))
             i += 3
         else:
@@ -265,21 +271,28 @@ def _norm_arguments(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``(folded x [B, T*C, ...], weight, bias, running mean, running var)``, each ``[T*C]`` or None,
     for one kernel that normalises every task with its own affine weights and statistics."""
+    folded = _fold_tasks(x)
+    weight, bias, mean, var = _norm_parameters(module, prefix, weights, x.shape[0])
+    if mean is None and record is not None and prefix + "running_mean" in weights:
+        record[prefix[:-1]] = tuple(s.view(x.shape[0], -1) for s in batch_statistics(folded))
+    return folded, weight, bias, mean, var
+
+
+def _norm_parameters(
+    module: nn.modules.batchnorm._BatchNorm, prefix: str, weights: dict[str, Tensor], num_tasks: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(weight, bias, running mean, running var)`` of ``num_tasks`` tasks, each ``[T*C]`` or None."""
     get = _getter(module, prefix)
-    num_tasks = x.shape[0]
     weight, bias = (
         None if p is None else _per_task(p, 1, num_tasks).flatten() for p in (get(weights, "weight"), get(weights, "bias"))
     )
-    folded = _fold_tasks(x)
     # The mode is read at call time, as nn.BatchNorm does: eval mode with running
     # statistics uses them; otherwise per-task batch statistics, running statistics
     # neither read nor written (pymeta.core.norms).
     if module.training or module.running_mean is None:
-        if record is not None and prefix + "running_mean" in weights:
-            record[prefix[:-1]] = tuple(s.view(num_tasks, -1) for s in batch_statistics(folded))
-        return folded, weight, bias, None, None
+        return weight, bias, None, None
     mean, var = (_per_task(get(weights, n), 1, num_tasks).flatten() for n in ("running_mean", "running_var"))
-    return folded, weight, bias, mean, var
+    return weight, bias, mean, var
 
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, prefix: str) -> Layer:
@@ -315,6 +328,43 @@ def _batch_norm_relu_pool(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, relu: nn.ReL
         return _unfold_tasks(ops.batch_norm_relu_pool(folded, weight, bias, mean, var, norm.eps), x.shape[0])
 
     return batch_norm_relu_pool
+
+
+def _conv_batch_norm_relu_pool(conv: nn.Conv2d, conv_prefix: str, tail: list[nn.Module], tail_prefix: str) -> Layer:
+    """A first block, ``Conv2d`` of few input channels (stride 1) then ``BatchNorm2d,
+    MaxPool2d(2), ReLU``, as :func:`pymeta.ops.conv2d_batch_norm_relu_pool` where
+    :func:`_batch_norm_relu_pool` would fuse the tail and nothing records batch
+    statistics; elsewhere the convolution and the tail as they are."""
+    separate = [_conv2d(conv, conv_prefix), _batch_norm_relu_pool(*tail, tail_prefix)]
+    get, norm = _getter(conv, conv_prefix), tail[0]
+    (ph, pw), kw = conv.padding, conv.kernel_size[1]
+
+    def conv_batch_norm_relu_pool(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
+        if (
+            x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or record is not None
+            or (x.shape[-1] + 2 * pw - kw + 1 < FUSED_MIN_WIDTH and not torch.compiler.is_compiling())
+        ):  # fmt: skip
+            for layer in separate:
+                x = layer(weights, x, record)
+            return x
+        num_tasks = x.shape[0]
+        weight, bias = _per_task(get(weights, "weight"), 4, num_tasks), _per_task(get(weights, "bias"), 1, num_tasks)
+        out = ops.conv2d_batch_norm_relu_pool(
+            _fold_tasks(x), weight.flatten(0, 1), None if bias is None else bias.flatten(),
+            *_norm_parameters(norm, tail_prefix, weights, num_tasks), norm.eps, (ph, pw), num_tasks * conv.groups,
+        )
+        return _unfold_tasks(out, num_tasks)
+
+    return conv_batch_norm_relu_pool
+
+
+def _is_first_conv(module: nn.Module) -> bool:
+    """A ``Conv2d`` that :func:`pymeta.ops.conv2d_batch_norm_relu_pool` runs: stride 1, zero padding, few inputs."""
+    return (
+        type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        and _pair(module.stride) == (1, 1) and _pair(module.dilation) == (1, 1)
+        and module.in_channels // module.groups <= MAX_KERNEL_INPUT_CHANNELS
+    )  # fmt: skip
 
 
 def _layer_norm(module: nn.LayerNorm, prefix: str) -> Layer:

@@ -240,16 +240,17 @@ _OP = FusedOp(
 )
 
 
-def _channel_param(name: str, value: Tensor | None, x: Tensor, default: float) -> Tensor:
-    """A per-channel tensor ``[C]`` (None: ``default``), checked against ``x``."""
-    C = x.shape[1]
+def channel_param(name: str, value: Tensor | None, x: Tensor, default: float, C: int | None = None) -> Tensor:
+    """A per-channel tensor ``[C]`` (None: ``default``; ``C``: x's channels unless given),
+    checked against ``x``'s dtype and device."""
+    C = x.shape[1] if C is None else C
     if value is None:
         return x.new_full((C,), default)
     _validate.tensor(name, value)
     _validate.same_dtype(("x", name), x, value)
     _validate.same_device({"x": x, name: value})
     if value.shape != (C,):
-        raise ValueError(f"{name} must be [C] = [{C}] (x's channels), got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must be [C] = [{C}] (the normalised channels), got shape {tuple(value.shape)}")
     return value
 
 
@@ -281,8 +282,8 @@ def batch_norm_relu_pool(
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x [B, C, H, W] needs H, W >= 2 for 2x2 pooling, got shape {tuple(x.shape)}")
     eps = _validate.norm_statistics(running_mean, running_var, eps)
-    weight, bias = _channel_param("weight", weight, x, 1.0), _channel_param("bias", bias, x, 0.0)
+    weight, bias = channel_param("weight", weight, x, 1.0), channel_param("bias", bias, x, 0.0)
     if running_mean is not None:
-        running_mean = _channel_param("running_mean", running_mean, x, 0.0)
-        running_var = _channel_param("running_var", running_var, x, 1.0)
+        running_mean = channel_param("running_mean", running_mean, x, 0.0)
+        running_var = channel_param("running_var", running_var, x, 1.0)
     return _OP(x, weight, bias, running_mean, running_var, eps)

@@ -123,7 +123,8 @@ def _not_supported(backend: str, x: Tensor, stride: list[int], dilation: list[in
     return None
 
 
-def _slower(weight: Tensor) -> str | None:
+def slower(weight: Tensor) -> str | None:
+    """Why the C++ kernels are passed over for ``weight: [G*Co, Ci, kh, kw]``, if they are."""
     if weight.shape[1] > MAX_KERNEL_INPUT_CHANNELS:
         return f"{weight.shape[1]} input channels per group: oneDNN's kernels are faster above {MAX_KERNEL_INPUT_CHANNELS}"
     return None
@@ -133,14 +134,14 @@ _OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup
               vjp=_forward_vjp, kernels=("cpp",),
               not_supported=lambda backend, x, weight, bias, stride, padding, dilation, groups: _not_supported(
                   backend, x, stride, dilation),
-              slower=lambda backend, x, weight, *_: _slower(weight))
+              slower=lambda backend, x, weight, *_: slower(weight))
 _INPUT_GRAD = FusedOp("grouped_conv2d_input_grad", reference_input_grad, fake=reference_input_grad,
                       setup_context=_save_all, vjp=_input_grad_vjp, kernels=())
 _WEIGHT_GRAD = FusedOp("grouped_conv2d_weight_grad", reference_weight_grad, fake=reference_weight_grad,
                        setup_context=_save_all, vjp=_weight_grad_vjp, kernels=("cpp",),
                        not_supported=lambda backend, grad, x, weight, stride, padding, dilation, groups: _not_supported(
                            backend, x, stride, dilation),
-                       slower=lambda backend, grad, x, weight, *_: _slower(weight))
+                       slower=lambda backend, grad, x, weight, *_: slower(weight))
 
 
 # FLOP formulas (torch.utils.flop_counter): a dispatch mode sees these ops, not the ATen

@@ -10,8 +10,10 @@
 // it again, takes the BatchNorm + pooling gradient into a second buffer and reduces that
 // to the convolution's weight and bias gradients at once. Separately, the convolution
 // wrote 15 MB to memory, BatchNorm + pooling read it twice (forward, backward), and the
-// backward wrote and read its 15 MB gradient: on conv4 steps, whose first-touch writes ran
-// at 2-3 GB/s on a 2-core AMD EPYC VM, the three kernels took 26 ms per task.
+// backward wrote and read its 15 MB gradient. Peak memory of a conv4 MAML step drops by
+// those 15 MB (40 -> 17 MiB); time about evens out (1 thread, 2-core AMD EPYC: the
+// block's kernels 20.8 -> 17.9 ms per task in a profile, whole steps within noise), as
+// the BatchNorm + pooling backward's window loops, not memory, are most of the block.
 //
 // Layout (NCHW, made contiguous): x [B, G*Ci, H, W], conv_weight [G*Co, Ci, kh, kw],
 // conv_bias [G*Co] or none, weight, bias, running statistics [G*Co]; out [B, G*Co, Ho/2,

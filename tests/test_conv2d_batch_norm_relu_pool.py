@@ -87,12 +87,17 @@ def test_second_order_runs_the_two_ops_and_equals_plain_torch():
 
 
 def test_images_that_need_a_gradient_get_it():
+    """Through the public function (the two ops) and the op called directly (its vjp)."""
     x, params, running, options = _arguments(SHAPES[3], "train")
     x.requires_grad_()
-    ours, theirs = conv2d_batch_norm_relu_pool(x, *params, *running, **options), _plain(x, params, running, options, "train")
+    theirs = _plain(x, params, running, options, "train")
     probe = torch.randn_like(theirs)
-    torch.testing.assert_close(torch.autograd.grad(ours, x, probe)[0], torch.autograd.grad(theirs, x, probe)[0],
-                               rtol=1e-10, atol=1e-10)
+    expected = torch.autograd.grad(theirs, [x, *params], probe)
+    direct = torch.ops.pymeta.conv2d_batch_norm_relu_pool(
+        x, *params, *running, 1e-5, list(options["padding"]), options["groups"])
+    for ours in (conv2d_batch_norm_relu_pool(x, *params, *running, **options), direct):
+        for a, b in zip(torch.autograd.grad(ours, [x, *params], probe), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_bad_arguments_are_clear_errors():

@@ -92,7 +92,7 @@ def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, conv_weight, conv_bias, weight, bias, running_mean, running_var, out = ctx.saved_tensors
     arguments = (grad, x, out, conv_weight, conv_bias, weight, bias, running_mean, running_var, ctx.eps, ctx.padding,
                  ctx.groups)
-    if ctx.needs_input_grad[0]:  # reached through torch.func; the public function routes eager calls
+    if ctx.needs_input_grad[0]:  # the op called directly (the public function runs the two ops then)
         gx, *grads = _two_op_grads(*arguments, need_x=True)
     else:
         gx, grads = None, _OP.backward(*arguments)

@@ -52,11 +52,7 @@ PYMETA_INLINE void convolve_channel(const Block<T>& k, int64_t o, T* buf) {
   const int64_t taps = s.taps(), HoWo = s.Ho * s.Wo, g = o / s.Co;
   const T b_o = k.conv_bias == nullptr ? T(0) : k.conv_bias[o];
   for (int64_t b = 0; b < s.B; ++b) {
-    const T* cols = k.cols + (b * s.G + g) * taps * HoWo;
-    for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
-      const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
-      combine_tap_block(nt, k.conv_weight + o * taps + t, cols + t * HoWo, HoWo, t == 0, b_o, buf + b * HoWo);
-    }
+    combine_all_taps(k.conv_weight + o * taps, k.cols + (b * s.G + g) * taps * HoWo, HoWo, taps, b_o, buf + b * HoWo);
   }
 }
 
@@ -102,11 +98,7 @@ PYMETA_INLINE void backward_channels(const Block<T>& k, const T* grad, const T* 
     for (int64_t t = 0; t < taps; ++t) total[t] = 0;
     double bias_total = 0;
     for (int64_t b = 0; b < s.B; ++b) {
-      const T* cols = k.cols + (b * s.G + o / s.Co) * taps * HoWo;
-      for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
-        const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
-        dot_tap_block(nt, gbuf + b * HoWo, cols + t * HoWo, HoWo, total + t);
-      }
+      dot_all_taps(gbuf + b * HoWo, k.cols + (b * s.G + o / s.Co) * taps * HoWo, HoWo, taps, total);
       bias_total += plane_sum(gbuf + b * HoWo, HoWo);
     }
     conv_bias_grad[o] = bias_total;
@@ -182,15 +174,11 @@ Arguments checked_arguments(const at::Tensor& x_in, const at::Tensor& conv_weigh
   TORCH_CHECK_VALUE(s.Ho >= 2 && s.Wo >= 2, "the convolution's output must be at least 2x2 for 2x2 pooling, got ",
                     s.Ho, "x", s.Wo);
   const int64_t C = s.G * s.Co;
-  for (const at::Tensor* p : {&weight, &bias}) {
-    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C && p->scalar_type() == x_in.scalar_type(),
+  for (const at::Tensor* p : {&weight, &bias, conv_bias ? &*conv_bias : nullptr, running_mean ? &*running_mean : nullptr,
+                              running_var ? &*running_var : nullptr}) {
+    TORCH_CHECK_VALUE(!p || (p->dim() == 1 && p->size(0) == C && p->scalar_type() == x_in.scalar_type()),
                       "weight, bias, conv_bias and the running statistics must be [G*Co] = [", C, "] of x's dtype, got ",
                       p->sizes(), " ", p->scalar_type());
-  }
-  for (const std::optional<at::Tensor>* p : {&conv_bias, &running_mean, &running_var}) {
-    TORCH_CHECK_VALUE(!*p || ((*p)->dim() == 1 && (*p)->size(0) == C && (*p)->scalar_type() == x_in.scalar_type()),
-                      "weight, bias, conv_bias and the running statistics must be [G*Co] = [", C, "] of x's dtype, got ",
-                      (*p)->sizes(), " ", (*p)->scalar_type());
   }
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean and running_var must be given together or both be None");

@@ -132,6 +132,25 @@ PYMETA_INLINE void combine_tap_block(int nt, const scalar_t* w, const scalar_t* 
   }
 }
 
+// total[t] += sum over p < n of grad[p] * cols[t][p] for all `taps`, TAP_BLOCK at a time.
+template <typename scalar_t>
+PYMETA_INLINE void dot_all_taps(const scalar_t* grad, const scalar_t* cols, int64_t n, int64_t taps, double* total) {
+  for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
+    const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
+    dot_tap_block(nt, grad, cols + t * n, n, total + t);
+  }
+}
+
+// out[p] = bias + sum over all `taps` of w[t] * cols[t][p], TAP_BLOCK at a time.
+template <typename scalar_t>
+PYMETA_INLINE void combine_all_taps(const scalar_t* w, const scalar_t* cols, int64_t n, int64_t taps, scalar_t bias,
+                                    scalar_t* out) {
+  for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
+    const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
+    combine_tap_block(nt, w + t, cols + t * n, n, t == 0, bias, out);
+  }
+}
+
 // The ConvShape of a convolution of x [B, G*Ci, H, W] by weight [G*Co, Ci, kh, kw], after
 // checking what the kernels assume (the op's Python side passes over them otherwise).
 ConvShape checked_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

@@ -42,11 +42,7 @@ PYMETA_INLINE void weight_grad_images(const scalar_t* grad, const scalar_t* x, c
     for (int64_t g = 0; g < s.G; ++g) {
       im2col(x, s, b, g, cols);
       for (int64_t o = g * s.Co; o < (g + 1) * s.Co; ++o) {
-        const scalar_t* plane = grad + (b * s.G * s.Co + o) * HoWo;
-        for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
-          const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
-          dot_tap_block(nt, plane, cols + t * HoWo, HoWo, total + o * taps + t);
-        }
+        dot_all_taps(grad + (b * s.G * s.Co + o) * HoWo, cols, HoWo, taps, total + o * taps);
       }
     }
   }
@@ -61,12 +57,8 @@ PYMETA_INLINE void forward_images(const scalar_t* x, const scalar_t* weight, con
     for (int64_t g = 0; g < s.G; ++g) {
       im2col(x, s, b, g, cols);
       for (int64_t o = g * s.Co; o < (g + 1) * s.Co; ++o) {
-        scalar_t* plane = out + (b * s.G * s.Co + o) * HoWo;
         const scalar_t b_o = bias == nullptr ? scalar_t(0) : bias[o];
-        for (int64_t t = 0; t < taps; t += TAP_BLOCK) {
-          const int nt = static_cast<int>(std::min<int64_t>(TAP_BLOCK, taps - t));
-          combine_tap_block(nt, weight + o * taps + t, cols + t * HoWo, HoWo, t == 0, b_o, plane);
-        }
+        combine_all_taps(weight + o * taps, cols, HoWo, taps, b_o, out + (b * s.G * s.Co + o) * HoWo);
       }
     }
   }

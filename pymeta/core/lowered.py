@@ -240,8 +240,7 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         )
     get = _getter(module, prefix)
     options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    # An image model's first layer (grey or colour images): a C++ weight gradient (CPU).
-    few_inputs = module.in_channels // module.groups <= MAX_KERNEL_INPUT_CHANNELS
+    few_inputs = _few_inputs(module)
 
     def conv2d(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
@@ -264,6 +263,21 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         return _unfold_tasks(out, num_tasks)
 
     return conv2d
+
+
+def _few_inputs(conv: nn.Conv2d) -> bool:
+    """An image model's first layer (grey or colour images): C++ kernels on CPU
+    (:data:`pymeta.ops.grouped_conv2d.MAX_KERNEL_INPUT_CHANNELS`)."""
+    return conv.in_channels // conv.groups <= MAX_KERNEL_INPUT_CHANNELS
+
+
+def _fusable(x: Tensor, width: int) -> bool:
+    """Whether a fused CPU block op runs on ``x`` whose planes are ``width`` wide:
+    float32 / float64 on CPU, eagerly at least :data:`FUSED_MIN_WIDTH` wide, compiled at any width."""
+    return (
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        and (width >= FUSED_MIN_WIDTH or torch.compiler.is_compiling())
+    )  # fmt: skip
 
 
 def _norm_arguments(
@@ -316,11 +330,7 @@ def _batch_norm_relu_pool(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, relu: nn.ReL
     separate = [_batch_norm(norm, prefix), _max_pool2d(pool, ""), _lower(relu, "")]
 
     def batch_norm_relu_pool(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
-        if (
-            x.device.type != "cpu"
-            or (x.shape[-1] < FUSED_MIN_WIDTH and not torch.compiler.is_compiling())
-            or x.dtype not in (torch.float32, torch.float64)
-        ):  # fmt: skip
+        if not _fusable(x, x.shape[-1]):
             for layer in separate:
                 x = layer(weights, x, record)
             return x
@@ -340,10 +350,7 @@ def _conv_batch_norm_relu_pool(conv: nn.Conv2d, conv_prefix: str, tail: list[nn.
     (ph, pw), kw = conv.padding, conv.kernel_size[1]
 
     def conv_batch_norm_relu_pool(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
-        if (
-            x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or record is not None
-            or (x.shape[-1] + 2 * pw - kw + 1 < FUSED_MIN_WIDTH and not torch.compiler.is_compiling())
-        ):  # fmt: skip
+        if record is not None or not _fusable(x, x.shape[-1] + 2 * pw - kw + 1):  # width: the convolution's output
             for layer in separate:
                 x = layer(weights, x, record)
             return x
@@ -363,7 +370,7 @@ def _is_first_conv(module: nn.Module) -> bool:
     return (
         type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
         and _pair(module.stride) == (1, 1) and _pair(module.dilation) == (1, 1)
-        and module.in_channels // module.groups <= MAX_KERNEL_INPUT_CHANNELS
+        and _few_inputs(module)
     )  # fmt: skip
 
 

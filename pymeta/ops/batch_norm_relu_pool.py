@@ -240,10 +240,22 @@ _OP = FusedOp(
 )
 
 
-def channel_param(name: str, value: Tensor | None, x: Tensor, default: float, C: int | None = None) -> Tensor:
-    """A per-channel tensor ``[C]`` (None: ``default``; ``C``: x's channels unless given),
-    checked against ``x``'s dtype and device."""
-    C = x.shape[1] if C is None else C
+def checked_norm_parameters(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+    eps: float, C: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, float]:
+    """``(weight, bias, running_mean, running_var, eps)`` of ``C`` normalised channels,
+    checked against ``x``'s dtype and device; a None weight or bias is 1 or 0."""
+    eps = _validate.norm_statistics(running_mean, running_var, eps)
+    weight, bias = channel_param("weight", weight, x, 1.0, C), channel_param("bias", bias, x, 0.0, C)
+    if running_mean is not None:
+        running_mean = channel_param("running_mean", running_mean, x, 0.0, C)
+        running_var = channel_param("running_var", running_var, x, 1.0, C)
+    return weight, bias, running_mean, running_var, eps
+
+
+def channel_param(name: str, value: Tensor | None, x: Tensor, default: float, C: int) -> Tensor:
+    """A per-channel tensor ``[C]`` (None: ``default``), checked against ``x``'s dtype and device."""
     if value is None:
         return x.new_full((C,), default)
     _validate.tensor(name, value)
@@ -281,9 +293,7 @@ def batch_norm_relu_pool(
     _validate.ndim("x", x, 4, "[B, C, H, W]")
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x [B, C, H, W] needs H, W >= 2 for 2x2 pooling, got shape {tuple(x.shape)}")
-    eps = _validate.norm_statistics(running_mean, running_var, eps)
-    weight, bias = channel_param("weight", weight, x, 1.0), channel_param("bias", bias, x, 0.0)
-    if running_mean is not None:
-        running_mean = channel_param("running_mean", running_mean, x, 0.0)
-        running_var = channel_param("running_var", running_var, x, 1.0)
+    weight, bias, running_mean, running_var, eps = checked_norm_parameters(
+        x, weight, bias, running_mean, running_var, eps, x.shape[1]
+    )
     return _OP(x, weight, bias, running_mean, running_var, eps)

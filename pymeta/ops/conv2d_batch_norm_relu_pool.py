@@ -36,13 +36,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from pymeta import _validate
 from pymeta.ops._factory import FusedOp
 from pymeta.ops.batch_norm_relu_pool import _BACKWARD as BATCH_NORM_RELU_POOL_BACKWARD
 from pymeta.ops.batch_norm_relu_pool import _OP as BATCH_NORM_RELU_POOL
-from pymeta.ops.batch_norm_relu_pool import channel_param
+from pymeta.ops.batch_norm_relu_pool import channel_param, checked_norm_parameters
 from pymeta.ops.grouped_conv2d import _INPUT_GRAD as CONV_INPUT_GRAD
 from pymeta.ops.grouped_conv2d import _WEIGHT_GRAD as CONV_WEIGHT_GRAD
 from pymeta.ops.grouped_conv2d import grouped_conv2d, slower
@@ -100,10 +101,15 @@ def _vjp(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     return gx, g_conv_weight, None if conv_bias is None else g_conv_bias, g_weight, g_bias, None, None, None, None, None
 
 
+def _conv_shape(x_shape: Any, w_shape: Any, padding: list[int]) -> list[int]:
+    """``[B, G*Co, Ho, Wo]``: the stride-1 convolution's output, padded by ``padding``."""
+    return [x_shape[0], w_shape[0], *(x_shape[2 + i] + 2 * padding[i] - w_shape[2 + i] + 1 for i in range(2))]
+
+
 def _output_shape(x: Tensor, conv_weight: Tensor, padding: list[int]) -> tuple[int, int, int, int]:
-    """``[B, G*Co, Ho // 2, Wo // 2]`` of a stride-1 convolution padded by ``padding``."""
-    Ho, Wo = (x.shape[2 + i] + 2 * padding[i] - conv_weight.shape[2 + i] + 1 for i in range(2))
-    return x.shape[0], conv_weight.shape[0], Ho // 2, Wo // 2
+    """``[B, G*Co, Ho // 2, Wo // 2]``: the op's pooled output."""
+    B, C, Ho, Wo = _conv_shape(x.shape, conv_weight.shape, padding)
+    return B, C, Ho // 2, Wo // 2
 
 
 def _fake(x: Tensor, conv_weight: Tensor, *rest: Any) -> Tensor:
@@ -140,8 +146,7 @@ _OP = FusedOp(
 # and weight gradient count them (the backward's recomputed convolution is not counted,
 # as the separate ops would not run it; BatchNorm and pooling count 0, as ATen's do).
 def _conv_flops(x_shape: Any, w_shape: Any, padding: list[int]) -> int:
-    out_shape = [x_shape[0], w_shape[0], *(x_shape[2 + i] + 2 * padding[i] - w_shape[2 + i] + 1 for i in range(2))]
-    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+    return conv_flop_count(x_shape, w_shape, _conv_shape(x_shape, w_shape, padding), transposed=False)
 
 
 @register_flop_formula(torch.ops.pymeta.conv2d_batch_norm_relu_pool)
@@ -189,7 +194,7 @@ def conv2d_batch_norm_relu_pool(
     _validate.ndim("conv_weight", conv_weight, 4, "[groups * Co, Ci, kh, kw]")
     _validate.same_dtype(("x", "conv_weight"), x, conv_weight)
     groups = _validate.positive_int("groups", groups)
-    padding = [int(p) for p in (padding if isinstance(padding, (list, tuple)) else (padding, padding))]
+    padding = [int(p) for p in _pair(padding)]
     if len(padding) != 2 or min(padding) < 0:
         raise ValueError(f"padding must be an int or a pair of ints >= 0, got {padding}")
     if conv_weight.shape[0] % groups or x.shape[1] != groups * conv_weight.shape[1]:
@@ -201,12 +206,10 @@ def conv2d_batch_norm_relu_pool(
         raise ValueError(f"the convolution's output {tuple(x.shape)} * {tuple(conv_weight.shape)} (padding {padding}) "
                          "is smaller than 2x2, the pooling window")
     C = conv_weight.shape[0]
-    eps = _validate.norm_statistics(running_mean, running_var, eps)
     conv_bias = None if conv_bias is None else channel_param("conv_bias", conv_bias, x, 0.0, C)
-    weight, bias = channel_param("weight", weight, x, 1.0, C), channel_param("bias", bias, x, 0.0, C)
-    if running_mean is not None:
-        running_mean = channel_param("running_mean", running_mean, x, 0.0, C)
-        running_var = channel_param("running_var", running_var, x, 1.0, C)
+    weight, bias, running_mean, running_var, eps = checked_norm_parameters(
+        x, weight, bias, running_mean, running_var, eps, C
+    )
     if x.requires_grad:  # the fused backward gives the images no gradient: the two ops do
         return reference_forward(x, conv_weight, conv_bias, weight, bias, running_mean, running_var, eps, padding, groups)
     return _OP(x, conv_weight, conv_bias, weight, bias, running_mean, running_var, eps, padding, groups)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "conv_taps.h"
+#include "conv_winograd.h"
 
 namespace pymeta {
 namespace {
@@ -105,16 +106,18 @@ inline void weight_grad_any(const double* grad, const double* x, const ConvShape
   weight_grad_double(grad, x, s, begin, end, cols, total);
 }
 
-at::Tensor grouped_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                              const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ConvShape s = checked_shape(x_in, weight_in, stride, padding, dilation, groups);
-  TORCH_CHECK_VALUE(!bias_in || (bias_in->dim() == 1 && bias_in->size(0) == s.G * s.Co),
-                    "bias must be [G*Co] = [", s.G * s.Co, "], got ", bias_in->sizes());
-  TORCH_CHECK_TYPE(!bias_in || bias_in->scalar_type() == x_in.scalar_type(), "bias must be ", x_in.scalar_type(),
-                   ", got ", bias_in->scalar_type());
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in ? std::optional(bias_in->contiguous()) : std::nullopt;
+// Layers with more input channels per group run F(2x2, 3x3) Winograd (conv_winograd.h)
+// when they are 3x3: the tap loops above are for a first layer's 1 to 3 channels.
+constexpr int64_t MAX_TAP_INPUT_CHANNELS = 3;
+
+bool uses_winograd(const ConvShape& s) {
+  return s.Ci > MAX_TAP_INPUT_CHANNELS && s.kh == 3 && s.kw == 3 && s.ph <= 2 && s.pw <= 2;
+}
+
+// x [B, G*Ci, H, W], weight [G*Co, Ci, kh, kw] (both contiguous), bias [G*Co] or none.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const ConvShape& s) {
+  if (uses_winograd(s)) return winograd_forward(x, weight, bias, s);
   at::Tensor out = at::empty({s.B, s.G * s.Co, s.Ho, s.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_grouped_conv2d", [&] {
     const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -129,6 +132,19 @@ at::Tensor grouped_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   return out;
 }
 
+at::Tensor grouped_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                              const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = checked_shape(x_in, weight_in, stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(!bias_in || (bias_in->dim() == 1 && bias_in->size(0) == s.G * s.Co),
+                    "bias must be [G*Co] = [", s.G * s.Co, "], got ", bias_in->sizes());
+  TORCH_CHECK_TYPE(!bias_in || bias_in->scalar_type() == x_in.scalar_type(), "bias must be ", x_in.scalar_type(),
+                   ", got ", bias_in->scalar_type());
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional(bias_in->contiguous()) : std::nullopt;
+  return forward(x, weight, bias, s);
+}
+
 at::Tensor grouped_conv2d_weight_grad_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                           int64_t groups) {
@@ -139,6 +155,7 @@ at::Tensor grouped_conv2d_weight_grad_cpu(const at::Tensor& grad_in, const at::T
   TORCH_CHECK_TYPE(grad_in.scalar_type() == x_in.scalar_type(), "grad and x must have one dtype, got ",
                    grad_in.scalar_type(), " and ", x_in.scalar_type());
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  if (uses_winograd(s)) return winograd_weight_grad(grad, x, s);
   const int64_t size = s.G * s.Co * s.taps();
   // One float64 total per thread (at most a few: images are split in as many ranges).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(s.B, at::get_num_threads()));
@@ -161,17 +178,43 @@ at::Tensor grouped_conv2d_weight_grad_cpu(const at::Tensor& grad_in, const at::T
   return gw.to(grad.scalar_type());
 }
 
+// The input gradient of a stride-1 convolution: the forward convolution of grad with the
+// filters flipped and their input and output channels swapped, padding k - 1 - p (which
+// must be >= 0): Winograd's for 3x3 filters, else the tap loops.
+at::Tensor grouped_conv2d_input_grad_cpu(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& weight,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  const ConvShape s = checked_shape(x, weight, stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(s.ph < s.kh && s.pw < s.kw, "the cpp input gradient takes padding below the kernel size, got kernel ",
+                    weight.sizes().slice(2), " and padding ", padding);
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({s.B, s.G * s.Co, s.Ho, s.Wo}),
+                    "grad must be [B, G*Co, H + 2*ph - kh + 1, W + 2*pw - kw + 1] = [", s.B, ", ", s.G * s.Co, ", ",
+                    s.Ho, ", ", s.Wo, "], got ", grad_in.sizes());
+  TORCH_CHECK_TYPE(grad_in.scalar_type() == x.scalar_type(), "grad and x must have one dtype, got ",
+                   grad_in.scalar_type(), " and ", x.scalar_type());
+  const at::Tensor flipped = weight.view({s.G, s.Co, s.Ci, s.kh, s.kw})
+                                 .transpose(1, 2)
+                                 .flip({3, 4})
+                                 .reshape({s.G * s.Ci, s.Co, s.kh, s.kw})
+                                 .contiguous();
+  const ConvShape t{s.B, s.G, s.Co, s.Ci, s.Ho, s.Wo, s.H, s.W, s.kh - 1 - s.ph, s.kw - 1 - s.pw, s.kh, s.kw};
+  return forward(grad_in.contiguous(), flipped, std::nullopt, t);
+}
+
 }  // namespace
 }  // namespace pymeta
 
 TORCH_LIBRARY_FRAGMENT(pymeta_cpu, m) {
   m.def("grouped_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
         "int groups) -> Tensor");
+  m.def("grouped_conv2d_input_grad(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> Tensor");
   m.def("grouped_conv2d_weight_grad(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
         "int[] dilation, int groups) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pymeta_cpu, CPU, m) {
   m.impl("grouped_conv2d", &pymeta::grouped_conv2d_cpu);
+  m.impl("grouped_conv2d_input_grad", &pymeta::grouped_conv2d_input_grad_cpu);
   m.impl("grouped_conv2d_weight_grad", &pymeta::grouped_conv2d_weight_grad_cpu);
 }

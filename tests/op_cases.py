@@ -252,6 +252,21 @@ def _grouped_conv2d_case(stride: int, dilation: int) -> OpCase:
     )
 
 
+def _grouped_conv2d_winograd_case(padding: int) -> OpCase:
+    """4 input channels per group, past the tap loops: Winograd's F(2x2, 3x3) on CPU.
+    Output sizes odd and even (the last tiles half outside the plane); padding 0 and 2,
+    where the input gradient's is 2 and 0."""
+    def inputs() -> tuple[Tensor, ...]:
+        return (torch.randn(2, 8, 5, 6, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64),
+                torch.randn(6, dtype=torch.float64))
+
+    options = dict(padding=padding, groups=2)
+    return OpCase(
+        f"grouped_conv2d-winograd-p{padding}", inputs, lambda x, w, b: ops.grouped_conv2d(x, w, b, **options),
+        lambda x, w, b: F.conv2d(x, w, b, **options), backends=("reference", "cpp"),
+    )
+
+
 def _conv2d_batch_norm_relu_pool_case(mode: str) -> OpCase:
     """Two groups of one input channel (the images: not differentiated, as in a model's
     first layer), a 3x2 kernel, a 5 x 9 output with a row and a column pooled away; the
@@ -302,6 +317,7 @@ CASES = [
     _prototypes_case(), *(_proto_logits_case(m) for m in ("sqeuclidean", "euclidean", "cosine")), _max_pool2d_case(), _adaptive_max_pool2d_case(),
     *(_relation_pairs_case(mode) for mode in ("train", "eval")), _memory_access_case(),
     *(_batch_norm_relu_pool_case(mode, width) for mode in ("train", "eval") for width in (7, 11, 19)),
-    _grouped_conv2d_case(1, 1), _grouped_conv2d_case(2, 2),
+    _grouped_conv2d_case(1, 1), _grouped_conv2d_case(2, 2), _grouped_conv2d_winograd_case(0),
+    _grouped_conv2d_winograd_case(2),
     *(_conv2d_batch_norm_relu_pool_case(mode) for mode in ("train", "eval")),
 ]

@@ -1,5 +1,6 @@
-"""pymeta.ops.grouped_conv2d's C++ kernels (forward and weight gradient of stride-1
-convolutions with few input channels per group) against ATen's convolution in float64;
+"""pymeta.ops.grouped_conv2d's C++ kernels (tap loops: forward and weight gradient of
+stride-1 convolutions with few input channels per group; Winograd: forward, input and
+weight gradient of 3x3 ones with more) against ATen's convolution in float64;
 gradcheck, gradgradcheck, opcheck and the transforms on both backends: tests/test_ops.py."""
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from helpers import needs_cpp
 
 import pymeta
-from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, grouped_conv2d
+from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, WINOGRAD_MIN_OUTPUT, grouped_conv2d
 
 # (B, groups, Ci, Co, H, W, kernel, padding): conv4's first layer (1 -> 64 at 28 x 28),
 # colour images, widths that leave a remainder after whole vectors (7, 13, 19), taps in
@@ -22,6 +23,18 @@ SHAPES = [
     (2, 1, 3, 2, 6, 6, (1, 1), (0, 0)),
     (2, 2, 1, 3, 5, 5, (3, 3), (3, 2)),
 ]
+# Winograd's: odd and even output sizes (the last tiles half outside the plane), padding
+# 0 to 2 (the input gradient's: 2 to 0), one per side, groups, a 3-wide output (one
+# tile, half used), more images than a chunk (75 planes of 7 x 7 tiles), planes wider
+# than a vector of tiles (19 tiles) with more tiles than a chunk holds.
+WINOGRAD_SHAPES = [
+    (3, 1, 5, 7, 9, 8, (3, 3), (1, 1)),
+    (2, 2, 4, 6, 7, 7, (3, 3), (0, 0)),
+    (1, 1, 8, 4, 5, 6, (3, 3), (2, 2)),
+    (4, 3, 5, 5, 3, 3, (3, 3), (1, 0)),
+    (75, 1, 4, 3, 14, 14, (3, 3), (1, 1)),
+    (2, 1, 4, 3, 40, 37, (3, 3), (1, 1)),
+]
 
 
 def _arguments(shape, dtype):
@@ -33,7 +46,7 @@ def _arguments(shape, dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + WINOGRAD_SHAPES, ids=str)
 def test_cpp_kernels_equal_aten_in_float64(shape, dtype):
     x, weight, bias, padding, groups = _arguments(shape, dtype)
     options = ([1, 1], padding, [1, 1], groups)
@@ -57,6 +70,14 @@ def test_cpp_kernels_equal_aten_in_float64(shape, dtype):
     )[1]
     assert gw.dtype == dtype and gw.shape == weight.shape
     close(gw, expected)
+    if all(pad < size for pad, size in zip(padding, weight.shape[2:], strict=True)):
+        gx = torch.ops.pymeta_cpu.grouped_conv2d_input_grad(grad, x, weight, *options)
+        expected = torch.ops.aten.convolution_backward(
+            grad.double(), x.double(), weight.double(), None, [1, 1], padding, [1, 1], False, [0, 0], groups,
+            [True, False, False],
+        )[0]
+        assert gx.dtype == dtype and gx.shape == x.shape
+        close(gx, expected)
 
 
 @needs_cpp
@@ -83,6 +104,11 @@ def test_cpp_kernel_bad_arguments():
         weight_grad(torch.zeros(2, 4, 6, 6), x, weight, [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(TypeError, match="grad and x must have one dtype"):
         weight_grad(torch.zeros(2, 4, 8, 8, dtype=torch.float64), x, weight, [1, 1], [1, 1], [1, 1], 1)
+    input_grad = torch.ops.pymeta_cpu.grouped_conv2d_input_grad
+    with pytest.raises(ValueError, match=r"padding below the kernel size, got kernel \[3, 3\] and padding \[3, 1\]"):
+        input_grad(torch.zeros(2, 4, 12, 8), x, weight, [1, 1], [3, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match=r"grad must be .* = \[2, 4, 8, 8\], got \[2, 4, 8, 7\]"):
+        input_grad(torch.zeros(2, 4, 8, 7), x, weight, [1, 1], [1, 1], [1, 1], 1)
 
 
 @needs_cpp
@@ -96,9 +122,20 @@ def test_the_kernels_run_where_they_are_faster_and_say_why_not_elsewhere():
     few = backends(torch.randn(2, 2 * MAX_KERNEL_INPUT_CHANNELS, 6, 6), torch.randn(4, MAX_KERNEL_INPUT_CHANNELS, 3, 3),
                    padding=1, groups=2)
     assert few["grouped_conv2d"][0] == few["grouped_conv2d_weight_grad"][0] == "cpp"
-    assert few["grouped_conv2d_input_grad"] == ("reference", "the op has no kernels: its reference is its implementation")
-    many = backends(torch.randn(2, MAX_KERNEL_INPUT_CHANNELS + 1, 6, 6), torch.randn(4, MAX_KERNEL_INPUT_CHANNELS + 1, 3, 3))
-    assert many["grouped_conv2d"] == ("reference", "cpp: 4 input channels per group: oneDNN's kernels are faster above 3")
+    assert few["grouped_conv2d_input_grad"][0] == "cpp"  # the forward's tap loops, on 2 "input" channels
+    side = WINOGRAD_MIN_OUTPUT
+    many = backends(torch.randn(2, 8, side, side + 1), torch.randn(4, 8, 3, 3), padding=1)
+    assert {backend for backend, _ in many.values()} == {"cpp"}
+    small = backends(torch.randn(2, 8, side - 1, 20), torch.randn(4, 8, 3, 3), padding=1)
+    assert small["grouped_conv2d"] == ("reference", f"cpp: {side - 1}x20 outputs: oneDNN's kernels are as fast "
+                                                    f"below {side} a side")
+    wide = backends(torch.randn(2, 8, 20, 20), torch.randn(4, 8, 5, 5), padding=2)
+    assert wide["grouped_conv2d"] == ("reference", "cpp: 8 input channels per group with 5x5 filters, padding [2, 2]: "
+                                                   "above 3 oneDNN's kernels are faster, but for 3x3 filters with "
+                                                   "padding <= 2 (Winograd)")
+    assert wide["grouped_conv2d_input_grad"] == wide["grouped_conv2d"]
+    padded = backends(torch.randn(2, 1, 6, 6), torch.randn(4, 1, 3, 3), padding=3)
+    assert padded["grouped_conv2d_input_grad"][1] == "cpp: the cpp input gradient takes padding below the kernel size, not [3, 3]"
     strided = backends(torch.randn(2, 1, 6, 6), torch.randn(4, 1, 3, 3), stride=2)
     assert "stride-1, dilation-1 convolutions, not stride [2, 2]" in strided["grouped_conv2d_weight_grad"][1]
     with pymeta.ops.force_backend("cpp"), pytest.raises(RuntimeError, match=r"cpp' was forced .* not stride \[2, 2\]"):

@@ -44,7 +44,7 @@ from torch.nn.modules.utils import _pair
 from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
-from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, grouped_conv2d
+from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, grouped_conv2d, winograd_filters
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
@@ -240,22 +240,22 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         )
     get = _getter(module, prefix)
     options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    few_inputs = _few_inputs(module)
+    cpu_kernels = _has_cpu_kernels(module)
 
     def conv2d(weights: dict[str, Tensor], x: Tensor, record: Stats | None) -> Tensor:
         weight, bias = get(weights, "weight"), get(weights, "bias")
         num_tasks, batch = x.shape[:2]
         if weight.dim() == 4 and (bias is None or bias.dim() == 1):  # all shared
-            conv = grouped_conv2d if module.groups > 1 or few_inputs else F.conv2d
+            conv = grouped_conv2d if module.groups > 1 or cpu_kernels else F.conv2d
             out = conv(x.flatten(0, 1), weight, bias, groups=module.groups, **options)
             return out.unflatten(0, (num_tasks, batch))
         weight = _per_task(weight, 4, num_tasks)
         bias = _per_task(bias, 1, num_tasks)
         # Tasks become groups: [B, T*C, H, W] * [T*O, C/g, k, k] -> [B, T*O, H', W'],
         # differentiated twice without ATen's per-group loop (pymeta.ops.grouped_conv2d;
-        # one group has no loop to avoid, and skips the op's dispatch unless the op's
-        # weight gradient has a kernel for its few input channels).
-        conv = grouped_conv2d if num_tasks * module.groups > 1 or few_inputs else F.conv2d
+        # one group has no loop to avoid, and skips the op's dispatch unless the op has
+        # CPU kernels for the layer).
+        conv = grouped_conv2d if num_tasks * module.groups > 1 or cpu_kernels else F.conv2d
         out = conv(
             _fold_tasks(x), weight.flatten(0, 1), None if bias is None else bias.flatten(),
             groups=num_tasks * module.groups, **options,
@@ -263,6 +263,15 @@ def _conv2d(module: nn.Conv2d, prefix: str) -> Layer:
         return _unfold_tasks(out, num_tasks)
 
     return conv2d
+
+
+def _has_cpu_kernels(conv: nn.Conv2d) -> bool:
+    """Whether :func:`pymeta.ops.grouped_conv2d` has C++ kernels for the layer: tap loops
+    for a first layer's few input channels, Winograd for 3x3 filters (which of them runs,
+    or neither, the op decides per call, from the input's size)."""
+    if conv.stride != (1, 1) or conv.dilation != (1, 1):
+        return False
+    return _few_inputs(conv) or winograd_filters(conv.kernel_size, conv.padding)
 
 
 def _few_inputs(conv: nn.Conv2d) -> bool:

@@ -46,7 +46,7 @@ from pymeta.ops.batch_norm_relu_pool import _OP as BATCH_NORM_RELU_POOL
 from pymeta.ops.batch_norm_relu_pool import channel_param, checked_norm_parameters
 from pymeta.ops.grouped_conv2d import _INPUT_GRAD as CONV_INPUT_GRAD
 from pymeta.ops.grouped_conv2d import _WEIGHT_GRAD as CONV_WEIGHT_GRAD
-from pymeta.ops.grouped_conv2d import grouped_conv2d, slower
+from pymeta.ops.grouped_conv2d import grouped_conv2d, tap_loops_slower
 
 _ONES = [1, 1]  # stride and dilation: the kernel's
 
@@ -130,7 +130,7 @@ def _not_supported(backend: str, first: Tensor, *_: Any) -> str | None:
 
 
 def _slower(backend: str, x: Tensor, conv_weight: Tensor, *_: Any) -> str | None:
-    return slower(conv_weight)
+    return tap_loops_slower(conv_weight)
 
 
 _OP = FusedOp(

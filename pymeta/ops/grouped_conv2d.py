@@ -22,12 +22,22 @@ each argument, and ``ggx``, ``ggw`` the gradients flowing back into them::
 is this op again, so a compiled graph holds no ``aten.convolution``, for which Inductor
 generates a layout-conversion kernel per input).
 
-Kernels: ATen's convolution is the reference. On CPU, the forward and the weight
-gradient of a stride-1 convolution with at most :data:`MAX_KERNEL_INPUT_CHANNELS` input
-channels per group (an image model's first layer) run C++ kernels
-(``csrc/grouped_conv2d.cpp``): oneDNN is slow there (conv4 on ``[75, 1, 28, 28]``
-Omniglot images, 1 thread: weight gradient 11-22 ms for 68 MFLOP, against 2.5-3 ms).
-The input gradient always runs ATen's (a first layer's input, the images, needs none).
+Kernels: ATen's convolution is the reference. On CPU (``csrc/grouped_conv2d.cpp``):
+
+- the forward and the weight gradient of a stride-1 convolution with at most
+  :data:`MAX_KERNEL_INPUT_CHANNELS` input channels per group (an image model's first
+  layer) run loops over the taps: oneDNN is slow there (conv4 on ``[75, 1, 28, 28]``
+  Omniglot images, 1 thread: weight gradient 11-22 ms for 68 MFLOP, against 2.5-3 ms);
+- all three of a 3x3 stride-1 convolution with more input channels (padding <= 2,
+  outputs at least :data:`WINOGRAD_MIN_OUTPUT` wide and high) run Winograd's F(2x2, 3x3)
+  (``csrc/conv_winograd.h``): 2.25x fewer multiply-adds, in the BLAS matrix products
+  ``torch.bmm`` runs. conv4's 64-channel layer on ``[75, 64, 14, 14]``, 1 thread,
+  ``benchmarks/bench_grouped_conv2d.py``: forward, input and weight gradient each 1.1-1.9x
+  faster than oneDNN's direct kernels; at 7x7 they were about even, so smaller planes
+  stay with oneDNN.
+
+Elsewhere (other kernel sizes, strides, more channels without a 3x3 kernel) oneDNN's
+kernels are the faster ones, and the op runs ATen's.
 """
 
 from __future__ import annotations
@@ -108,11 +118,13 @@ def _weight_grad_vjp(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:
     return d_grad, d_x, None, None, None, None, None
 
 
-# The C++ kernels (csrc/grouped_conv2d.cpp) are for an image model's first layer, grey or
-# colour images. With more input channels per group oneDNN's kernels are the faster ones
+# The tap loops (csrc/grouped_conv2d.cpp) are for an image model's first layer, grey or
+# colour images. With more input channels per group oneDNN's direct kernels are faster
 # (1 thread, [75, Ci, 14, 14] by 64 3x3 filters: at Ci = 4 about as fast, at Ci = 8
-# twice as fast, as the C++ loops; benchmarks/bench_grouped_conv2d.py).
+# twice as fast, as the tap loops; benchmarks/bench_grouped_conv2d.py), and Winograd's
+# F(2x2, 3x3) faster still on 3x3 filters, from planes of WINOGRAD_MIN_OUTPUT outputs a side.
 MAX_KERNEL_INPUT_CHANNELS = 3
+WINOGRAD_MIN_OUTPUT = 10
 
 
 def _not_supported(backend: str, x: Tensor, stride: list[int], dilation: list[int]) -> str | None:
@@ -123,25 +135,71 @@ def _not_supported(backend: str, x: Tensor, stride: list[int], dilation: list[in
     return None
 
 
-def slower(weight: Tensor) -> str | None:
-    """Why the C++ kernels are passed over for ``weight: [G*Co, Ci, kh, kw]``, if they are."""
+def winograd_filters(kernel_size: Any, padding: Any) -> bool:
+    """Whether Winograd's F(2x2, 3x3) computes a convolution with these filters and
+    padding (both an int or a pair): 3x3 filters, padding at most 2."""
+    return tuple(_pair(kernel_size)) == (3, 3) and max(_pair(padding)) <= 2
+
+
+def _winograd_slower(x: Tensor, weight: Tensor, padding: list[int]) -> str | None:
+    """Why Winograd is passed over for ``x [B, G*Ci, H, W]``, ``weight [G*Co, Ci, kh, kw]``."""
+    if not winograd_filters(weight.shape[2:], padding):
+        return (f"{weight.shape[1]} input channels per group with {weight.shape[2]}x{weight.shape[3]} filters, "
+                f"padding {padding}: above {MAX_KERNEL_INPUT_CHANNELS} oneDNN's kernels are faster, but for "
+                "3x3 filters with padding <= 2 (Winograd)")
+    out = [size + 2 * pad - 2 for size, pad in zip(x.shape[2:], padding, strict=True)]
+    if min(out) < WINOGRAD_MIN_OUTPUT:
+        return f"{out[0]}x{out[1]} outputs: oneDNN's kernels are as fast below {WINOGRAD_MIN_OUTPUT} a side"
+    return None
+
+
+def tap_loops_slower(weight: Tensor) -> str | None:
+    """Why the C++ tap loops are passed over for ``weight: [G*Co, Ci, kh, kw]``, if they are."""
     if weight.shape[1] > MAX_KERNEL_INPUT_CHANNELS:
         return f"{weight.shape[1]} input channels per group: oneDNN's kernels are faster above {MAX_KERNEL_INPUT_CHANNELS}"
     return None
+
+
+def slower(x: Tensor, weight: Tensor, padding: list[int]) -> str | None:
+    """Why the C++ forward and weight-gradient kernels (tap loops or Winograd) are passed
+    over for ``x: [B, G*Ci, H, W]``, ``weight: [G*Co, Ci, kh, kw]``, if they are."""
+    if tap_loops_slower(weight) is None:
+        return None
+    return _winograd_slower(x, weight, padding)
+
+
+def _input_grad_not_supported(backend: str, x: Tensor, weight: Tensor, *options: Any) -> str | None:
+    """The input gradient is the forward convolution of the gradient with the flipped
+    filters, padded by the kernel size - 1 - padding."""
+    stride, padding, dilation, _ = options
+    if any(pad >= size for pad, size in zip(padding, weight.shape[2:], strict=True)):
+        return f"the {backend} input gradient takes padding below the kernel size, not {padding}"
+    return _not_supported(backend, x, stride, dilation)
+
+
+def _input_grad_slower(x: Tensor, weight: Tensor, groups: int, padding: list[int]) -> str | None:
+    """The forward's rule for the convolution the input gradient runs, whose input
+    channels per group are the forward's output channels per group."""
+    if weight.shape[0] // groups <= MAX_KERNEL_INPUT_CHANNELS:
+        return None
+    return _winograd_slower(x, weight, padding)
 
 
 _OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup_context=_save_all,
               vjp=_forward_vjp, kernels=("cpp",),
               not_supported=lambda backend, x, weight, bias, stride, padding, dilation, groups: _not_supported(
                   backend, x, stride, dilation),
-              slower=lambda backend, x, weight, *_: slower(weight))
+              slower=lambda backend, x, weight, bias, stride, padding, *_: slower(x, weight, padding))
 _INPUT_GRAD = FusedOp("grouped_conv2d_input_grad", reference_input_grad, fake=reference_input_grad,
-                      setup_context=_save_all, vjp=_input_grad_vjp, kernels=())
+                      setup_context=_save_all, vjp=_input_grad_vjp, kernels=("cpp",),
+                      not_supported=lambda backend, grad, *args: _input_grad_not_supported(backend, *args),
+                      slower=lambda backend, grad, x, weight, stride, padding, dilation, groups: _input_grad_slower(
+                          x, weight, groups, padding))
 _WEIGHT_GRAD = FusedOp("grouped_conv2d_weight_grad", reference_weight_grad, fake=reference_weight_grad,
                        setup_context=_save_all, vjp=_weight_grad_vjp, kernels=("cpp",),
                        not_supported=lambda backend, grad, x, weight, stride, padding, dilation, groups: _not_supported(
                            backend, x, stride, dilation),
-                       slower=lambda backend, grad, x, weight, *_: slower(weight))
+                       slower=lambda backend, grad, x, weight, stride, padding, *_: slower(x, weight, padding))
 
 
 # FLOP formulas (torch.utils.flop_counter): a dispatch mode sees these ops, not the ATen

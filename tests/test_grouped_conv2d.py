@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from helpers import needs_cpp
 
 import pymeta
-from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, WINOGRAD_MIN_OUTPUT, grouped_conv2d
+from pymeta.ops.grouped_conv2d import (
+    MAX_KERNEL_INPUT_CHANNELS,
+    WINOGRAD_MIN_CHANNELS,
+    WINOGRAD_MIN_OUTPUT,
+    grouped_conv2d,
+)
 
 # (B, groups, Ci, Co, H, W, kernel, padding): conv4's first layer (1 -> 64 at 28 x 28),
 # colour images, widths that leave a remainder after whole vectors (7, 13, 19), taps in
@@ -124,15 +129,19 @@ def test_the_kernels_run_where_they_are_faster_and_say_why_not_elsewhere():
     assert few["grouped_conv2d"][0] == few["grouped_conv2d_weight_grad"][0] == "cpp"
     assert few["grouped_conv2d_input_grad"][0] == "cpp"  # the forward's tap loops, on 2 "input" channels
     side = WINOGRAD_MIN_OUTPUT
-    many = backends(torch.randn(2, 8, side, side + 1), torch.randn(4, 8, 3, 3), padding=1)
+    many = backends(torch.randn(2, WINOGRAD_MIN_CHANNELS, side, side + 1),
+                    torch.randn(WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, 3, 3), padding=1)
     assert {backend for backend, _ in many.values()} == {"cpp"}
-    small = backends(torch.randn(2, 8, side - 1, 20), torch.randn(4, 8, 3, 3), padding=1)
+    between = backends(torch.randn(2, 8, side, side), torch.randn(WINOGRAD_MIN_CHANNELS, 8, 3, 3), padding=1)
+    assert between["grouped_conv2d"] == ("reference", "cpp: 8 input channels per group: oneDNN's kernels are faster "
+                                                      f"from 4 to {WINOGRAD_MIN_CHANNELS - 1}")
+    assert between["grouped_conv2d_input_grad"][0] == "cpp"  # Winograd on the 16 output channels
+    small = backends(torch.randn(2, 16, side - 1, 20), torch.randn(4, 16, 3, 3), padding=1)
     assert small["grouped_conv2d"] == ("reference", f"cpp: {side - 1}x20 outputs: oneDNN's kernels are as fast "
                                                     f"below {side} a side")
-    wide = backends(torch.randn(2, 8, 20, 20), torch.randn(4, 8, 5, 5), padding=2)
-    assert wide["grouped_conv2d"] == ("reference", "cpp: 8 input channels per group with 5x5 filters, padding [2, 2]: "
-                                                   "above 3 oneDNN's kernels are faster, but for 3x3 filters with "
-                                                   "padding <= 2 (Winograd)")
+    wide = backends(torch.randn(2, 16, 20, 20), torch.randn(16, 16, 5, 5), padding=2)
+    assert wide["grouped_conv2d"] == ("reference", "cpp: 5x5 filters, padding [2, 2]: above 3 input channels oneDNN's "
+                                                   "kernels are faster, but for 3x3 filters with padding <= 2 (Winograd)")
     assert wide["grouped_conv2d_input_grad"] == wide["grouped_conv2d"]
     padded = backends(torch.randn(2, 1, 6, 6), torch.randn(4, 1, 3, 3), padding=3)
     assert padded["grouped_conv2d_input_grad"][1] == "cpp: the cpp input gradient takes padding below the kernel size, not [3, 3]"

@@ -44,7 +44,12 @@ from torch.nn.modules.utils import _pair
 from pymeta import ops
 from pymeta.core.norms import Stats, batch_statistics
 from pymeta.ops.adaptive_max_pool2d import adaptive_max_pool2d
-from pymeta.ops.grouped_conv2d import MAX_KERNEL_INPUT_CHANNELS, grouped_conv2d, winograd_filters
+from pymeta.ops.grouped_conv2d import (
+    MAX_KERNEL_INPUT_CHANNELS,
+    WINOGRAD_MIN_CHANNELS,
+    grouped_conv2d,
+    winograd_filters,
+)
 from pymeta.ops.max_pool2d import max_pool2d
 
 # Narrower planes keep ATen's three kernels (1 thread, [75, 64, W, W], forward + backward,
@@ -271,7 +276,8 @@ def _has_cpu_kernels(conv: nn.Conv2d) -> bool:
     or neither, the op decides per call, from the input's size)."""
     if conv.stride != (1, 1) or conv.dilation != (1, 1):
         return False
-    return _few_inputs(conv) or winograd_filters(conv.kernel_size, conv.padding)
+    many_inputs = conv.in_channels // conv.groups >= WINOGRAD_MIN_CHANNELS
+    return _few_inputs(conv) or (many_inputs and winograd_filters(conv.kernel_size, conv.padding))
 
 
 def _few_inputs(conv: nn.Conv2d) -> bool:

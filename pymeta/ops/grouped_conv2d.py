@@ -28,16 +28,19 @@ Kernels: ATen's convolution is the reference. On CPU (``csrc/grouped_conv2d.cpp`
   :data:`MAX_KERNEL_INPUT_CHANNELS` input channels per group (an image model's first
   layer) run loops over the taps: oneDNN is slow there (conv4 on ``[75, 1, 28, 28]``
   Omniglot images, 1 thread: weight gradient 11-22 ms for 68 MFLOP, against 2.5-3 ms);
-- all three of a 3x3 stride-1 convolution with more input channels (padding <= 2,
-  outputs at least :data:`WINOGRAD_MIN_OUTPUT` wide and high) run Winograd's F(2x2, 3x3)
+- all three of a 3x3 stride-1 convolution with at least :data:`WINOGRAD_MIN_CHANNELS`
+  input channels per group (padding <= 2, outputs at least :data:`WINOGRAD_MIN_OUTPUT`
+  wide and high) run Winograd's F(2x2, 3x3)
   (``csrc/conv_winograd.h``): 2.25x fewer multiply-adds, in the BLAS matrix products
   ``torch.bmm`` runs. conv4's 64-channel layer on ``[75, 64, 14, 14]``, 1 thread,
   ``benchmarks/bench_grouped_conv2d.py``: forward, input and weight gradient each 1.1-1.9x
-  faster than oneDNN's direct kernels; at 7x7 they were about even, so smaller planes
-  stay with oneDNN.
+  faster than oneDNN's direct kernels; at 7x7, or 4 and 8 channels, they were not, so
+  those stay with oneDNN (the constants' comment has the figures).
 
-Elsewhere (other kernel sizes, strides, more channels without a 3x3 kernel) oneDNN's
-kernels are the faster ones, and the op runs ATen's.
+Elsewhere (other kernel sizes, strides) oneDNN's kernels are the faster ones, and the op
+runs ATen's. The input gradient is the forward's convolution of the gradient with the
+flipped filters, whose input channels are the forward's output channels, so the same
+rule picks its kernel on those.
 """
 
 from __future__ import annotations
@@ -118,12 +121,15 @@ def _weight_grad_vjp(ctx: Any, ggw: Tensor) -> tuple[Tensor | None, ...]:
     return d_grad, d_x, None, None, None, None, None
 
 
-# The tap loops (csrc/grouped_conv2d.cpp) are for an image model's first layer, grey or
-# colour images. With more input channels per group oneDNN's direct kernels are faster
-# (1 thread, [75, Ci, 14, 14] by 64 3x3 filters: at Ci = 4 about as fast, at Ci = 8
-# twice as fast, as the tap loops; benchmarks/bench_grouped_conv2d.py), and Winograd's
-# F(2x2, 3x3) faster still on 3x3 filters, from planes of WINOGRAD_MIN_OUTPUT outputs a side.
+# Which C++ kernels run where they are faster than oneDNN's direct ones (1 thread,
+# [75, Ci, 14, 14] by 64 3x3 filters, benchmarks/bench_grouped_conv2d.py): the tap loops
+# up to MAX_KERNEL_INPUT_CHANNELS input channels per group (an image model's first layer,
+# grey or colour images); between that and WINOGRAD_MIN_CHANNELS oneDNN's (at 4 and 8
+# channels Winograd's transforms outweigh its products: 0.7-1.1x); from there Winograd's
+# F(2x2, 3x3) for 3x3 filters (16 to 64 channels: 1.0-1.8x), on planes of at least
+# WINOGRAD_MIN_OUTPUT outputs a side (at 7 x 7 the tiles' edges cost as much as they save).
 MAX_KERNEL_INPUT_CHANNELS = 3
+WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_OUTPUT = 10
 
 
@@ -141,18 +147,6 @@ def winograd_filters(kernel_size: Any, padding: Any) -> bool:
     return tuple(_pair(kernel_size)) == (3, 3) and max(_pair(padding)) <= 2
 
 
-def _winograd_slower(x: Tensor, weight: Tensor, padding: list[int]) -> str | None:
-    """Why Winograd is passed over for ``x [B, G*Ci, H, W]``, ``weight [G*Co, Ci, kh, kw]``."""
-    if not winograd_filters(weight.shape[2:], padding):
-        return (f"{weight.shape[1]} input channels per group with {weight.shape[2]}x{weight.shape[3]} filters, "
-                f"padding {padding}: above {MAX_KERNEL_INPUT_CHANNELS} oneDNN's kernels are faster, but for "
-                "3x3 filters with padding <= 2 (Winograd)")
-    out = [size + 2 * pad - 2 for size, pad in zip(x.shape[2:], padding, strict=True)]
-    if min(out) < WINOGRAD_MIN_OUTPUT:
-        return f"{out[0]}x{out[1]} outputs: oneDNN's kernels are as fast below {WINOGRAD_MIN_OUTPUT} a side"
-    return None
-
-
 def tap_loops_slower(weight: Tensor) -> str | None:
     """Why the C++ tap loops are passed over for ``weight: [G*Co, Ci, kh, kw]``, if they are."""
     if weight.shape[1] > MAX_KERNEL_INPUT_CHANNELS:
@@ -160,12 +154,27 @@ def tap_loops_slower(weight: Tensor) -> str | None:
     return None
 
 
+def _slower(channels: int, x: Tensor, weight: Tensor, padding: list[int]) -> str | None:
+    """Why the C++ kernels are passed over for a convolution that reads ``channels`` planes
+    per group, of ``x [B, G*Ci, H, W]`` by ``weight [G*Co, Ci, kh, kw]``, if they are."""
+    if channels <= MAX_KERNEL_INPUT_CHANNELS:
+        return None
+    if channels < WINOGRAD_MIN_CHANNELS:
+        return (f"{channels} input channels per group: oneDNN's kernels are faster from "
+                f"{MAX_KERNEL_INPUT_CHANNELS + 1} to {WINOGRAD_MIN_CHANNELS - 1}")
+    if not winograd_filters(weight.shape[2:], padding):
+        return (f"{weight.shape[2]}x{weight.shape[3]} filters, padding {padding}: above {MAX_KERNEL_INPUT_CHANNELS} "
+                "input channels oneDNN's kernels are faster, but for 3x3 filters with padding <= 2 (Winograd)")
+    out = [size + 2 * pad - 2 for size, pad in zip(x.shape[2:], padding, strict=True)]
+    if min(out) < WINOGRAD_MIN_OUTPUT:
+        return f"{out[0]}x{out[1]} outputs: oneDNN's kernels are as fast below {WINOGRAD_MIN_OUTPUT} a side"
+    return None
+
+
 def slower(x: Tensor, weight: Tensor, padding: list[int]) -> str | None:
     """Why the C++ forward and weight-gradient kernels (tap loops or Winograd) are passed
     over for ``x: [B, G*Ci, H, W]``, ``weight: [G*Co, Ci, kh, kw]``, if they are."""
-    if tap_loops_slower(weight) is None:
-        return None
-    return _winograd_slower(x, weight, padding)
+    return _slower(weight.shape[1], x, weight, padding)
 
 
 def _input_grad_not_supported(backend: str, x: Tensor, weight: Tensor, *options: Any) -> str | None:
@@ -177,14 +186,6 @@ def _input_grad_not_supported(backend: str, x: Tensor, weight: Tensor, *options:
     return _not_supported(backend, x, stride, dilation)
 
 
-def _input_grad_slower(x: Tensor, weight: Tensor, groups: int, padding: list[int]) -> str | None:
-    """The forward's rule for the convolution the input gradient runs, whose input
-    channels per group are the forward's output channels per group."""
-    if weight.shape[0] // groups <= MAX_KERNEL_INPUT_CHANNELS:
-        return None
-    return _winograd_slower(x, weight, padding)
-
-
 _OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup_context=_save_all,
               vjp=_forward_vjp, kernels=("cpp",),
               not_supported=lambda backend, x, weight, bias, stride, padding, dilation, groups: _not_supported(
@@ -193,8 +194,8 @@ _OP = FusedOp("grouped_conv2d", reference_forward, fake=reference_forward, setup
 _INPUT_GRAD = FusedOp("grouped_conv2d_input_grad", reference_input_grad, fake=reference_input_grad,
                       setup_context=_save_all, vjp=_input_grad_vjp, kernels=("cpp",),
                       not_supported=lambda backend, grad, *args: _input_grad_not_supported(backend, *args),
-                      slower=lambda backend, grad, x, weight, stride, padding, dilation, groups: _input_grad_slower(
-                          x, weight, groups, padding))
+                      slower=lambda backend, grad, x, weight, stride, padding, dilation, groups: _slower(
+                          weight.shape[0] // groups, x, weight, padding))
 _WEIGHT_GRAD = FusedOp("grouped_conv2d_weight_grad", reference_weight_grad, fake=reference_weight_grad,
                        setup_context=_save_all, vjp=_weight_grad_vjp, kernels=("cpp",),
                        not_supported=lambda backend, grad, x, weight, stride, padding, dilation, groups: _not_supported(

@@ -45,6 +45,15 @@ MODELS = {
         ),
         (1, 17, 34),
     ),
+    # 3x3 layers of 16 channels on planes >= 10 a side: Winograd's C++ kernels on CPU,
+    # padding 1 and 2 (their input gradients: padding 1 and 0), an odd height.
+    "conv_winograd": (
+        lambda: nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=2, bias=False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+        ),
+        (16, 11, 12),
+    ),
 }
 
 
@@ -155,6 +164,30 @@ def test_fused_conv_blocks_run_the_fused_kernel_and_equal_the_loop(mode):
     assert {("conv2d_batch_norm_relu_pool_backward", "cpp"), ("batch_norm_relu_pool_backward", "cpp")} <= used, used
     for fused, reference in zip(fused_grads, torch.autograd.grad(loop.square().sum(), inputs), strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+@needs_cpp
+def test_winograd_layers_run_the_cpp_kernels_and_equal_the_loop_to_second_order():
+    build, shape = MODELS["conv_winograd"]
+    torch.manual_seed(2)
+    model = build().double()
+    weights = {n: w.requires_grad_() for n, w in fast_weights(model, set()).items()}
+    x = torch.randn(T, B, *shape, dtype=torch.float64, requires_grad=True)
+    batched = TaskBatched(model)
+    derivatives = {}
+    for strategy in ("lowered", "loop"):
+        pymeta.ops.reset_usage()
+        out = batched.forward(weights, x, strategy)
+        inputs = [x, *weights.values()]
+        first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), inputs)
+        derivatives[strategy] = (out, *first, *second)
+        if strategy == "lowered":
+            used = {(op, backend) for op, backend, _, _ in pymeta.ops.usage()}
+            wanted = {(op, "cpp") for op in ("grouped_conv2d", "grouped_conv2d_input_grad", "grouped_conv2d_weight_grad")}
+            assert wanted <= used, used
+    for a, b in zip(derivatives["lowered"], derivatives["loop"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_second_order_step_runs_as_many_convolutions_for_any_number_of_tasks():

@@ -19,8 +19,10 @@
 // forward with the flipped, transposed filters (grouped_conv2d.cpp).
 //
 // Layouts: x [B, G*Ci, H, W], weight [G*Co, Ci, 3, 3], out [B, G*Co, Ho, Wo] (NCHW
-// contiguous); V [16, G*Ci, P] and M [16, G*Co, P] over the P tiles of a chunk of images,
-// a chunk sized so that both stay in the cache levels BLAS and the transforms share.
+// contiguous); U [G, 16, Co, Ci], and V [g, 16, Ci, P] and M [g, 16, Co, P] over the P
+// tiles of a chunk of g groups and some images, sized so that both stay in the cache
+// levels BLAS and the transforms share (conv4 under torch.compile runs its 32 tasks as 32
+// groups of 64 channels: one group at a time).
 
 #pragma once
 
@@ -39,20 +41,24 @@
 namespace pymeta {
 namespace {
 
-// Tiles per chunk: V and M 1 MB each at 64 channels, float32. On [75, 64, 14, 14], 1 thread,
-// 128 to 512 were alike and 1024 slower (the chunk no longer in L2 between the transforms
-// and the product).
+// A chunk: about WINOGRAD_TILE_TARGET tiles of WINOGRAD_CHUNK_CHANNELS channels, V and M
+// 1 MB each in float32. On [75, 64, 14, 14], 1 thread, 128 to 512 tiles were alike and 1024
+// slower (the chunk no longer in L2 between the transforms and the product); 32 groups of
+// 64 channels in one chunk of 5 images (32 MB) ran at half the speed of one group's.
 constexpr int64_t WINOGRAD_TILE_TARGET = 256;
+constexpr int64_t WINOGRAD_CHUNK_CHANNELS = 64;
 
 struct Tiling {
   int64_t th, tw;    // tiles down and across a plane: ceil(Ho / 2), ceil(Wo / 2)
   int64_t images;    // images per chunk
+  int64_t groups;    // groups per chunk
   int64_t tiles() const { return th * tw; }
 };
 
 inline Tiling tiling(const ConvShape& s) {
   const int64_t th = (s.Ho + 1) / 2, tw = (s.Wo + 1) / 2;
-  return {th, tw, std::clamp<int64_t>(WINOGRAD_TILE_TARGET / (th * tw), 1, s.B)};
+  return {th, tw, std::clamp<int64_t>(WINOGRAD_TILE_TARGET / (th * tw), 1, s.B),
+          std::clamp<int64_t>(WINOGRAD_CHUNK_CHANNELS / std::max(s.Ci, s.Co), 1, s.G)};
 }
 
 // A plane's rows split into even and odd columns, zero-padded: plane (y, x) goes to row
@@ -190,39 +196,45 @@ PYMETA_INLINE void grad_tiles(const T* plane, const ConvShape& s, const Tiling& 
   }
 }
 
-// The kernels' loops over channels [first, last) of a chunk of nb images from image b0,
-// multiversioned (target_clones wants plain functions, not templates). A chunk's tiles
-// are [16, C, P + L] (a row of P tiles, image by image, and L of slack) for V and dM,
-// [16, C, P] for M; one thread runs all images of a channel, in order (see input_tiles).
+// The kernels' loops over channels [first, last) of a chunk (channel c: group c / Cg, its
+// channel c % Cg, Cg = Ci or Co; the chunk's first channel is c0 of the tensor's) and its
+// nb images from image b0, multiversioned (target_clones wants plain functions, not
+// templates). A chunk's tiles are [g, 16, Cg, row]: rows of P tiles, image by image,
+// and for V and dM, L values of slack (row = P + L). One thread runs all images of a
+// channel, in order (see input_tiles).
 #define PYMETA_WINOGRAD_LOOPS(T)                                                                                   \
-  PYMETA_MULTIVERSION void winograd_input_tiles(const T* x, const ConvShape& s, const Tiling& t, int64_t b0,     \
-                                                int64_t nb, int64_t first, int64_t last, T* v, int64_t row,      \
-                                                T* buf) {                                                        \
-    const int64_t C = s.G * s.Ci;                                                                                \
+  PYMETA_MULTIVERSION void winograd_input_tiles(const T* x, const ConvShape& s, const Tiling& t, int64_t c0,     \
+                                                int64_t b0, int64_t nb, int64_t first, int64_t last, T* v,       \
+                                                int64_t row, T* buf) {                                           \
     for (int64_t c = first; c < last; ++c) {                                                                     \
+      T* tiles = v + (c / s.Ci * 16 * s.Ci + c % s.Ci) * row;                                                   \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
-        input_tiles(x + ((b0 + b) * C + c) * s.H * s.W, s, t, v + c * row + b * t.tiles(), C * row, buf);       \
+        input_tiles(x + ((b0 + b) * s.G * s.Ci + c0 + c) * s.H * s.W, s, t, tiles + b * t.tiles(), s.Ci * row,  \
+                    buf);                                                                                        \
       }                                                                                                          \
     }                                                                                                            \
   }                                                                                                              \
-  PYMETA_MULTIVERSION void winograd_output_planes(const T* m, const ConvShape& s, const Tiling& t, int64_t b0,   \
-                                                  int64_t nb, int64_t first, int64_t last, const T* bias,        \
-                                                  T* out) {                                                      \
-    const int64_t C = s.G * s.Co, P = nb * t.tiles();                                                            \
+  PYMETA_MULTIVERSION void winograd_output_planes(const T* m, const ConvShape& s, const Tiling& t, int64_t c0,   \
+                                                  int64_t b0, int64_t nb, int64_t first, int64_t last,           \
+                                                  const T* bias, T* out) {                                       \
+    const int64_t P = nb * t.tiles();                                                                            \
     for (int64_t c = first; c < last; ++c) {                                                                     \
+      const T* products = m + (c / s.Co * 16 * s.Co + c % s.Co) * P;                                            \
+      const T b_c = bias == nullptr ? T(0) : bias[c0 + c];                                                       \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
-        output_plane(m + c * P + b * t.tiles(), s, t, C * P, bias == nullptr ? T(0) : bias[c],                   \
-                     out + ((b0 + b) * C + c) * s.Ho * s.Wo);                                                    \
+        output_plane(products + b * t.tiles(), s, t, s.Co * P, b_c,                                              \
+                     out + ((b0 + b) * s.G * s.Co + c0 + c) * s.Ho * s.Wo);                                      \
       }                                                                                                          \
     }                                                                                                            \
   }                                                                                                              \
-  PYMETA_MULTIVERSION void winograd_grad_tiles(const T* grad, const ConvShape& s, const Tiling& t, int64_t b0,   \
-                                               int64_t nb, int64_t first, int64_t last, T* dm, int64_t row,      \
-                                               T* buf) {                                                         \
-    const int64_t C = s.G * s.Co;                                                                                \
+  PYMETA_MULTIVERSION void winograd_grad_tiles(const T* grad, const ConvShape& s, const Tiling& t, int64_t c0,  \
+                                               int64_t b0, int64_t nb, int64_t first, int64_t last, T* dm,       \
+                                               int64_t row, T* buf) {                                            \
     for (int64_t c = first; c < last; ++c) {                                                                     \
+      T* tiles = dm + (c / s.Co * 16 * s.Co + c % s.Co) * row;                                                  \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
-        grad_tiles(grad + ((b0 + b) * C + c) * s.Ho * s.Wo, s, t, dm + c * row + b * t.tiles(), C * row, buf);   \
+        grad_tiles(grad + ((b0 + b) * s.G * s.Co + c0 + c) * s.Ho * s.Wo, s, t, tiles + b * t.tiles(),           \
+                   s.Co * row, buf);                                                                             \
       }                                                                                                          \
     }                                                                                                            \
   }
@@ -230,12 +242,13 @@ PYMETA_WINOGRAD_LOOPS(float)
 PYMETA_WINOGRAD_LOOPS(double)
 #undef PYMETA_WINOGRAD_LOOPS
 
-// U[xi][o][c] = (G w[o][c] G^T)[xi] for weight [G*Co, Ci, 3, 3] -> U [16 * G, Co, Ci],
-// G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
+// U[g][xi][o][c] = (G w[g*Co + o][c] G^T)[xi] for weight [G*Co, Ci, 3, 3] -> U [G, 16, Co, Ci]
+// (per_group = Co * Ci filters), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
 template <typename T>
-void transform_filters(const T* w, int64_t filters, T* U) {
+void transform_filters(const T* w, int64_t filters, int64_t per_group, T* U) {
   for (int64_t f = 0; f < filters; ++f) {
     const T* g = w + 9 * f;
+    T* u = U + f / per_group * 16 * per_group + f % per_group;  // u[xi * per_group]
     T gw[4][3];  // G w
     for (int k = 0; k < 3; ++k) {
       gw[0][k] = g[k];
@@ -244,20 +257,21 @@ void transform_filters(const T* w, int64_t filters, T* U) {
       gw[3][k] = g[6 + k];
     }
     for (int i = 0; i < 4; ++i) {  // (G w) G^T
-      U[(4 * i) * filters + f] = gw[i][0];
-      U[(4 * i + 1) * filters + f] = (gw[i][0] + gw[i][1] + gw[i][2]) / 2;
-      U[(4 * i + 2) * filters + f] = (gw[i][0] - gw[i][1] + gw[i][2]) / 2;
-      U[(4 * i + 3) * filters + f] = gw[i][2];
+      u[(4 * i) * per_group] = gw[i][0];
+      u[(4 * i + 1) * per_group] = (gw[i][0] + gw[i][1] + gw[i][2]) / 2;
+      u[(4 * i + 2) * per_group] = (gw[i][0] - gw[i][1] + gw[i][2]) / 2;
+      u[(4 * i + 3) * per_group] = gw[i][2];
     }
   }
 }
 
-// The adjoint: dW[o][c] = G^T dU[o][c] G for dU [16 * G, Co, Ci] -> dW [G*Co, Ci, 3, 3].
+// The adjoint: dW[o][c] = G^T dU[o][c] G for dU [G, 16, Co, Ci] -> dW [G*Co, Ci, 3, 3].
 template <typename T>
-void untransform_filters(const T* dU, int64_t filters, T* dw) {
+void untransform_filters(const T* dU, int64_t filters, int64_t per_group, T* dw) {
   for (int64_t f = 0; f < filters; ++f) {
+    const T* du = dU + f / per_group * 16 * per_group + f % per_group;
     T u[4][4], r[4][3];  // r = dU G
-    for (int xi = 0; xi < 16; ++xi) u[xi / 4][xi % 4] = dU[xi * filters + f];
+    for (int xi = 0; xi < 16; ++xi) u[xi / 4][xi % 4] = du[xi * per_group];
     for (int i = 0; i < 4; ++i) {
       r[i][0] = u[i][0] + (u[i][1] + u[i][2]) / 2;
       r[i][1] = (u[i][1] - u[i][2]) / 2;
@@ -278,27 +292,30 @@ std::vector<T> split_buffer(const Tiling& t) {
   return std::vector<T>(2 * (2 * t.th + 2) * split_width<T>(t));
 }
 
-// A chunk's tiles [16 * G, C / G, P] in a buffer of rows P + L apart (the slack the
-// transforms write into), as a strided view that BLAS reads without a copy.
-inline at::Tensor chunk_tiles(const at::Tensor& buffer, const ConvShape& s, int64_t C, int64_t P, int64_t row) {
-  return buffer.as_strided({16 * s.G, C / s.G, P}, {C / s.G * row, row, 1});
+// A chunk's tiles [g * 16, Cg, P] in a buffer of rows `row` apart, as a strided view that
+// BLAS reads without a copy.
+inline at::Tensor chunk_tiles(const at::Tensor& buffer, int64_t groups, int64_t Cg, int64_t P, int64_t row) {
+  return buffer.as_strided({16 * groups, Cg, P}, {Cg * row, row, 1});
 }
 
-// Runs body(b0, nb, v) over chunks of images, v: the chunk's input tiles (chunk_tiles),
-// in one buffer that every chunk reuses.
+// Runs body(g0, ng, b0, nb, v) over chunks of ng groups from group g0 and nb images from
+// image b0, v: the chunk's input tiles (chunk_tiles), in one buffer every chunk reuses.
 template <typename T, typename Body>
 void for_each_chunk(const at::Tensor& x, const ConvShape& s, const Tiling& t, const Body& body) {
-  const int64_t C = s.G * s.Ci, row = t.images * t.tiles() + Lanes<T>::L;
-  at::Tensor buffer = at::empty({16 * C * row}, x.options());
+  const int64_t row = t.images * t.tiles() + Lanes<T>::L;
+  at::Tensor buffer = at::empty({16 * t.groups * s.Ci * row}, x.options());
   const T* in = x.const_data_ptr<T>();
   T* tiles = buffer.mutable_data_ptr<T>();
-  for (int64_t b0 = 0; b0 < s.B; b0 += t.images) {
-    const int64_t nb = std::min(t.images, s.B - b0);
-    at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
-      std::vector<T> buf = split_buffer<T>(t);
-      winograd_input_tiles(in, s, t, b0, nb, first, last, tiles, row, buf.data());
-    });
-    body(b0, nb, chunk_tiles(buffer, s, C, nb * t.tiles(), row));
+  for (int64_t g0 = 0; g0 < s.G; g0 += t.groups) {
+    const int64_t ng = std::min(t.groups, s.G - g0);
+    for (int64_t b0 = 0; b0 < s.B; b0 += t.images) {
+      const int64_t nb = std::min(t.images, s.B - b0);
+      at::parallel_for(0, ng * s.Ci, 1, [&](int64_t first, int64_t last) {
+        std::vector<T> buf = split_buffer<T>(t);
+        winograd_input_tiles(in, s, t, g0 * s.Ci, b0, nb, first, last, tiles, row, buf.data());
+      });
+      body(g0, ng, b0, nb, chunk_tiles(buffer, ng, s.Ci, nb * t.tiles(), row));
+    }
   }
 }
 
@@ -308,19 +325,19 @@ inline at::Tensor winograd_forward(const at::Tensor& x, const at::Tensor& weight
   const Tiling t = tiling(s);
   at::Tensor out = at::empty({s.B, s.G * s.Co, s.Ho, s.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_winograd_forward", [&] {
-    at::Tensor U = at::empty({16 * s.G, s.Co, s.Ci}, x.options());
-    transform_filters(weight.const_data_ptr<scalar_t>(), s.G * s.Co * s.Ci, U.mutable_data_ptr<scalar_t>());
+    at::Tensor U = at::empty({s.G * 16, s.Co, s.Ci}, x.options());
+    transform_filters(weight.const_data_ptr<scalar_t>(), s.G * s.Co * s.Ci, s.Co * s.Ci, U.mutable_data_ptr<scalar_t>());
     // + L: output_plane's vectors read up to L - 1 values past the last tile.
-    at::Tensor products = at::empty({16 * s.G * s.Co * t.images * t.tiles() + Lanes<scalar_t>::L}, x.options());
+    at::Tensor products = at::empty({16 * t.groups * s.Co * t.images * t.tiles() + Lanes<scalar_t>::L}, x.options());
     const scalar_t* b = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_chunk<scalar_t>(x, s, t, [&](int64_t b0, int64_t nb, const at::Tensor& v) {
+    for_each_chunk<scalar_t>(x, s, t, [&](int64_t g0, int64_t ng, int64_t b0, int64_t nb, const at::Tensor& v) {
       const int64_t P = nb * t.tiles();
-      at::Tensor m = products.narrow(0, 0, 16 * s.G * s.Co * P).view({16 * s.G, s.Co, P});
-      at::bmm_out(m, U, v);
+      at::Tensor m = products.narrow(0, 0, 16 * ng * s.Co * P).view({16 * ng, s.Co, P});
+      at::bmm_out(m, U.narrow(0, 16 * g0, 16 * ng), v);
       const scalar_t* mp = products.const_data_ptr<scalar_t>();
-      at::parallel_for(0, s.G * s.Co, 1, [&](int64_t first, int64_t last) {
-        winograd_output_planes(mp, s, t, b0, nb, first, last, b, o);
+      at::parallel_for(0, ng * s.Co, 1, [&](int64_t first, int64_t last) {
+        winograd_output_planes(mp, s, t, g0 * s.Co, b0, nb, first, last, b, o);
       });
     });
   });
@@ -330,20 +347,20 @@ inline at::Tensor winograd_forward(const at::Tensor& x, const at::Tensor& weight
 // grad [B, G*Co, Ho, Wo], x [B, G*Ci, H, W] -> the weight gradient [G*Co, Ci, 3, 3].
 inline at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, const ConvShape& s) {
   const Tiling t = tiling(s);
-  at::Tensor dU = at::zeros({16 * s.G, s.Co, s.Ci}, x.options()), dw = at::empty({s.G * s.Co, s.Ci, 3, 3}, x.options());
+  at::Tensor dU = at::zeros({s.G * 16, s.Co, s.Ci}, x.options()), dw = at::empty({s.G * s.Co, s.Ci, 3, 3}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymeta_winograd_weight_grad", [&] {
-    const int64_t C = s.G * s.Co, row = t.images * t.tiles() + Lanes<scalar_t>::L;
-    at::Tensor buffer = at::empty({16 * C * row}, x.options());
+    const int64_t row = t.images * t.tiles() + Lanes<scalar_t>::L;
+    at::Tensor buffer = at::empty({16 * t.groups * s.Co * row}, x.options());
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* dmp = buffer.mutable_data_ptr<scalar_t>();
-    for_each_chunk<scalar_t>(x, s, t, [&](int64_t b0, int64_t nb, const at::Tensor& v) {
-      at::parallel_for(0, C, 1, [&](int64_t first, int64_t last) {
+    for_each_chunk<scalar_t>(x, s, t, [&](int64_t g0, int64_t ng, int64_t b0, int64_t nb, const at::Tensor& v) {
+      at::parallel_for(0, ng * s.Co, 1, [&](int64_t first, int64_t last) {
         std::vector<scalar_t> buf = split_buffer<scalar_t>(t);
-        winograd_grad_tiles(g, s, t, b0, nb, first, last, dmp, row, buf.data());
+        winograd_grad_tiles(g, s, t, g0 * s.Co, b0, nb, first, last, dmp, row, buf.data());
       });
-      dU.baddbmm_(chunk_tiles(buffer, s, C, nb * t.tiles(), row), v.transpose(1, 2));
+      dU.narrow(0, 16 * g0, 16 * ng).baddbmm_(chunk_tiles(buffer, ng, s.Co, nb * t.tiles(), row), v.transpose(1, 2));
     });
-    untransform_filters(dU.const_data_ptr<scalar_t>(), s.G * s.Co * s.Ci, dw.mutable_data_ptr<scalar_t>());
+    untransform_filters(dU.const_data_ptr<scalar_t>(), s.G * s.Co * s.Ci, s.Co * s.Ci, dw.mutable_data_ptr<scalar_t>());
   });
   return dw;
 }

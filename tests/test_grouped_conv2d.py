@@ -31,7 +31,8 @@ SHAPES = [
 # Winograd's: odd and even output sizes (the last tiles half outside the plane), padding
 # 0 to 2 (the input gradient's: 2 to 0), one per side, groups, a 3-wide output (one
 # tile, half used), more images than a chunk (75 planes of 7 x 7 tiles), planes wider
-# than a vector of tiles (19 tiles) with more tiles than a chunk holds.
+# than a vector of tiles (19 tiles) with more tiles than a chunk holds, more groups of 16
+# channels than a chunk holds (4 of 5).
 WINOGRAD_SHAPES = [
     (3, 1, 5, 7, 9, 8, (3, 3), (1, 1)),
     (2, 2, 4, 6, 7, 7, (3, 3), (0, 0)),
@@ -39,6 +40,7 @@ WINOGRAD_SHAPES = [
     (4, 3, 5, 5, 3, 3, (3, 3), (1, 0)),
     (75, 1, 4, 3, 14, 14, (3, 3), (1, 1)),
     (2, 1, 4, 3, 40, 37, (3, 3), (1, 1)),
+    (7, 5, 16, 16, 12, 11, (3, 3), (1, 1)),
 ]
 
 

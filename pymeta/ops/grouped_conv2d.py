@@ -167,7 +167,7 @@ def _slower(channels: int, x: Tensor, weight: Tensor, padding: list[int]) -> str
                 "input channels oneDNN's kernels are faster, but for 3x3 filters with padding <= 2 (Winograd)")
     out = [size + 2 * pad - 2 for size, pad in zip(x.shape[2:], padding, strict=True)]
     if min(out) < WINOGRAD_MIN_OUTPUT:
-        return f"{out[0]}x{out[1]} outputs: oneDNN's kernels are as fast below {WINOGRAD_MIN_OUTPUT} a side"
+        return f"{out[0]}x{out[1]} outputs: oneDNN's kernels are as fast or faster below {WINOGRAD_MIN_OUTPUT} a side"
     return None
 
 

@@ -57,8 +57,9 @@ struct Tiling {
 
 inline Tiling tiling(const ConvShape& s) {
   const int64_t th = (s.Ho + 1) / 2, tw = (s.Wo + 1) / 2;
-  return {th, tw, std::clamp<int64_t>(WINOGRAD_TILE_TARGET / (th * tw), 1, s.B),
-          std::clamp<int64_t>(WINOGRAD_CHUNK_CHANNELS / std::max(s.Ci, s.Co), 1, s.G)};
+  // At least 1 of each, also for an empty batch (B = 0: no chunk runs).
+  return {th, tw, std::max<int64_t>(1, std::min(WINOGRAD_TILE_TARGET / (th * tw), s.B)),
+          std::max<int64_t>(1, std::min(WINOGRAD_CHUNK_CHANNELS / std::max(s.Ci, s.Co), s.G))};
 }
 
 // A plane's rows split into even and odd columns, zero-padded: plane (y, x) goes to row

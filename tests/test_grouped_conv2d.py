@@ -96,6 +96,15 @@ def test_cpp_kernels_take_strided_inputs():
 
 
 @needs_cpp
+def test_winograd_takes_an_empty_batch():
+    x, weight = torch.randn(0, 16, 12, 12, requires_grad=True), torch.randn(16, 16, 3, 3, requires_grad=True)
+    with pymeta.ops.force_backend("cpp"):
+        out = grouped_conv2d(x, weight, padding=1)
+        gx, gw = torch.autograd.grad(out.sum(), [x, weight])
+    assert out.shape == gx.shape == (0, 16, 12, 12) and torch.equal(gw, torch.zeros_like(weight))
+
+
+@needs_cpp
 def test_cpp_kernel_bad_arguments():
     x, weight = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
     forward, weight_grad = torch.ops.pymeta_cpu.grouped_conv2d, torch.ops.pymeta_cpu.grouped_conv2d_weight_grad

@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -81,20 +80,6 @@ PYMETA_INLINE void split_columns(const T* plane, int64_t H, int64_t W, int64_t p
     for (int64_t x = 1 - pw % 2; x < width; x += 2) o[(x + pw) / 2] = in[x];
   }
 }
-
-// Vectors of L consecutive scalars (GCC vector extensions, 32 bytes: two SSE2 vectors in
-// the portable clone, one AVX2 vector in the x86-64-v3 one), loaded and stored unaligned.
-template <typename T>
-struct Lanes {
-  typedef T vec __attribute__((vector_size(BYTES)));
-  static constexpr int64_t L = BYTES / sizeof(T);
-  static PYMETA_INLINE vec load(const T* p) {
-    vec v;
-    std::memcpy(&v, p, BYTES);
-    return v;
-  }
-  static PYMETA_INLINE void store(T* p, vec v) { std::memcpy(p, &v, BYTES); }
-};
 
 // Columns the split grid of an input plane needs past its last tile: n = tw + 1 + L.
 template <typename T>
@@ -203,12 +188,16 @@ PYMETA_INLINE void grad_tiles(const T* plane, const ConvShape& s, const Tiling& 
 // templates). A chunk's tiles are [g, 16, Cg, row]: rows of P tiles, image by image,
 // and for V and dM, L values of slack (row = P + L). One thread runs all images of a
 // channel, in order (see input_tiles).
+PYMETA_INLINE int64_t tile_rows(int64_t c, int64_t Cg, int64_t row) {  // offset of channel c's [16, row] rows
+  return (c / Cg * 16 * Cg + c % Cg) * row;
+}
+
 #define PYMETA_WINOGRAD_LOOPS(T)                                                                                   \
   PYMETA_MULTIVERSION void winograd_input_tiles(const T* x, const ConvShape& s, const Tiling& t, int64_t c0,     \
                                                 int64_t b0, int64_t nb, int64_t first, int64_t last, T* v,       \
                                                 int64_t row, T* buf) {                                           \
     for (int64_t c = first; c < last; ++c) {                                                                     \
-      T* tiles = v + (c / s.Ci * 16 * s.Ci + c % s.Ci) * row;                                                   \
+      T* tiles = v + tile_rows(c, s.Ci, row);                                                                   \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
         input_tiles(x + ((b0 + b) * s.G * s.Ci + c0 + c) * s.H * s.W, s, t, tiles + b * t.tiles(), s.Ci * row,  \
                     buf);                                                                                        \
@@ -220,7 +209,7 @@ PYMETA_INLINE void grad_tiles(const T* plane, const ConvShape& s, const Tiling& 
                                                   const T* bias, T* out) {                                       \
     const int64_t P = nb * t.tiles();                                                                            \
     for (int64_t c = first; c < last; ++c) {                                                                     \
-      const T* products = m + (c / s.Co * 16 * s.Co + c % s.Co) * P;                                            \
+      const T* products = m + tile_rows(c, s.Co, P);                                                            \
       const T b_c = bias == nullptr ? T(0) : bias[c0 + c];                                                       \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
         output_plane(products + b * t.tiles(), s, t, s.Co * P, b_c,                                              \
@@ -232,7 +221,7 @@ PYMETA_INLINE void grad_tiles(const T* plane, const ConvShape& s, const Tiling& 
                                                int64_t b0, int64_t nb, int64_t first, int64_t last, T* dm,       \
                                                int64_t row, T* buf) {                                            \
     for (int64_t c = first; c < last; ++c) {                                                                     \
-      T* tiles = dm + (c / s.Co * 16 * s.Co + c % s.Co) * row;                                                  \
+      T* tiles = dm + tile_rows(c, s.Co, row);                                                                  \
       for (int64_t b = 0; b < nb; ++b) {                                                                         \
         grad_tiles(grad + ((b0 + b) * s.G * s.Co + c0 + c) * s.Ho * s.Wo, s, t, tiles + b * t.tiles(),           \
                    s.Co * row, buf);                                                                             \

@@ -1,22 +1,24 @@
-// The weight gradient of a stride-1 convolution with few input channels per group: what
-// pymeta.ops.grouped_conv2d's weight gradient runs on CPU when each output channel reads
-// at most a few input planes (an image model's first layer: 1 grey or 3 colour channels).
-// oneDNN's backward-weights kernel is slow on that shape: conv4's first layer on
-// [75, 1, 28, 28] Omniglot images (64 output channels, 3x3 kernel, 1 thread) took 11-22 ms
-// for 68 MFLOP, more than its 64-channel second layer's input gradient at 16x the work.
+// pymeta.ops.grouped_conv2d's CPU kernels for stride-1 convolutions: the forward, the
+// input gradient and the weight gradient. Layers with more input channels per group than
+// MAX_TAP_INPUT_CHANNELS run Winograd's F(2x2, 3x3) when their filters are 3x3, padding <= 2
+// (conv_winograd.h); the rest, an image model's first layer above all (1 grey or 3 colour
+// channels), run loops over the taps, below. oneDNN's backward-weights kernel is slow on
+// such a layer: conv4's first layer on [75, 1, 28, 28] Omniglot images (64 output
+// channels, 3x3 kernel, 1 thread) took 11-22 ms for 68 MFLOP, more than its 64-channel
+// second layer's input gradient at 16x the work.
 //
-// Per image b it is a matrix product, gw[o, t] += sum over p of grad[b, o, p] * cols[t, p]:
-// t runs over the Ci * kh * kw taps, p over the Ho * Wo output positions, and cols is the
-// image's im2col (cols[(c, ky, kx), (y, x)] = x[b, g*Ci + c, y + ky - ph, x + kx - pw], 0
-// outside; per group g). A GEMM library handles that poorly with so few taps (bmm
-// of [75, 64, 784] by [75, 784, 9]: 13.7 ms); here a block of up to 9 taps keeps its
-// accumulators in vector registers while one pass reads a grad plane: one load of grad
-// and one of cols per multiply-add of a tap (GCC vector extensions, 32 bytes: two SSE2
-// vectors in the portable clone, one AVX2 vector in the x86-64-v3 one). Each image adds
-// its dot products to a per-thread float64 total, so a float32 sum runs over one plane.
+// The weight gradient per image b is a matrix product, gw[o, t] += sum over p of
+// grad[b, o, p] * cols[t, p]: t runs over the Ci * kh * kw taps, p over the Ho * Wo output
+// positions, and cols is the image's im2col (cols[(c, ky, kx), (y, x)] = x[b, g*Ci + c,
+// y + ky - ph, x + kx - pw], 0 outside; per group g). A GEMM library handles that poorly
+// with so few taps (bmm of [75, 64, 784] by [75, 784, 9]: 13.7 ms); here a block of up to
+// 9 taps keeps its accumulators in vector registers while one pass reads a grad plane:
+// one load of grad and one of cols per multiply-add of a tap (Lanes in conv_taps.h). Each
+// image adds its dot products to a per-thread float64 total, so a float32 sum runs over
+// one plane. The input gradient is the forward of the gradient with the flipped filters.
 //
-// Layout: grad [B, G*Co, Ho, Wo], x [B, G*Ci, H, W] (NCHW, made contiguous), weight (its
-// shape only) [G*Co, Ci, kh, kw] -> [G*Co, Ci, kh, kw]; Ho = H + 2*ph - kh + 1, alike Wo.
+// Layout: grad [B, G*Co, Ho, Wo], x [B, G*Ci, H, W] (NCHW, made contiguous), weight
+// [G*Co, Ci, kh, kw]; Ho = H + 2*ph - kh + 1, alike Wo.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -145,15 +147,20 @@ at::Tensor grouped_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   return forward(x, weight, bias, s);
 }
 
+// grad must be the output's gradient [B, G*Co, Ho, Wo], of x's dtype.
+void check_grad(const at::Tensor& grad, const at::Tensor& x, const ConvShape& s) {
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({s.B, s.G * s.Co, s.Ho, s.Wo}),
+                    "grad must be [B, G*Co, H + 2*ph - kh + 1, W + 2*pw - kw + 1] = [", s.B, ", ", s.G * s.Co, ", ",
+                    s.Ho, ", ", s.Wo, "], got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "grad and x must have one dtype, got ", grad.scalar_type(),
+                   " and ", x.scalar_type());
+}
+
 at::Tensor grouped_conv2d_weight_grad_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                           int64_t groups) {
   const ConvShape s = checked_shape(x_in, weight, stride, padding, dilation, groups);
-  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({s.B, s.G * s.Co, s.Ho, s.Wo}),
-                    "grad must be [B, G*Co, H + 2*ph - kh + 1, W + 2*pw - kw + 1] = [", s.B, ", ", s.G * s.Co, ", ",
-                    s.Ho, ", ", s.Wo, "], got ", grad_in.sizes());
-  TORCH_CHECK_TYPE(grad_in.scalar_type() == x_in.scalar_type(), "grad and x must have one dtype, got ",
-                   grad_in.scalar_type(), " and ", x_in.scalar_type());
+  check_grad(grad_in, x_in, s);
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   if (uses_winograd(s)) return winograd_weight_grad(grad, x, s);
   const int64_t size = s.G * s.Co * s.taps();
@@ -187,11 +194,7 @@ at::Tensor grouped_conv2d_input_grad_cpu(const at::Tensor& grad_in, const at::Te
   const ConvShape s = checked_shape(x, weight, stride, padding, dilation, groups);
   TORCH_CHECK_VALUE(s.ph < s.kh && s.pw < s.kw, "the cpp input gradient takes padding below the kernel size, got kernel ",
                     weight.sizes().slice(2), " and padding ", padding);
-  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({s.B, s.G * s.Co, s.Ho, s.Wo}),
-                    "grad must be [B, G*Co, H + 2*ph - kh + 1, W + 2*pw - kw + 1] = [", s.B, ", ", s.G * s.Co, ", ",
-                    s.Ho, ", ", s.Wo, "], got ", grad_in.sizes());
-  TORCH_CHECK_TYPE(grad_in.scalar_type() == x.scalar_type(), "grad and x must have one dtype, got ",
-                   grad_in.scalar_type(), " and ", x.scalar_type());
+  check_grad(grad_in, x, s);
   const at::Tensor flipped = weight.view({s.G, s.Co, s.Ci, s.kh, s.kw})
                                  .transpose(1, 2)
                                  .flip({3, 4})
